@@ -1,0 +1,30 @@
+"""Prometheus metrics of the gateway process (the moderation middleware has its own module)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter(
+    "gateway_requests_total",
+    "Requests answered, by route and status.",
+    ["route", "method", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from request to the response's first byte, by route.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served, streams included.")
+UPSTREAM_DURATION = Histogram(
+    "gateway_upstream_duration_seconds",
+    "Time from sending a request upstream to its response headers.",
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors_total",
+    "Upstream failures, by kind (connect, timeout, dropped, circuit_open).",
+    ["kind"],
+)
+UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream connection attempts retried.")
+CIRCUIT_OPEN = Gauge("gateway_upstream_circuit_open", "1 while the upstream circuit breaker is open.")

@@ -1,0 +1,207 @@
+"""Every setting of chat-gateway, read once from the environment (and `.env`) into one object.
+
+The names and defaults are those of CONTRACT.md section 2; the few extra knobs are marked
+"extra" and documented in the README. Nothing else in the code reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from middleware.detectors import DEFAULT_RULES_FILE
+
+DETECTORS = ("openai", "rules")
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message is one line naming the variable and why."""
+
+
+def _env(name: str) -> Any:
+    # Tests and code build Settings by field name; operators set the variable.
+    return Field(validation_alias=AliasChoices(name, name.lower()))
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256)
+    upstream_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = _env("OPENAI_API_KEY")
+    api_keys: Annotated[frozenset[SecretStr], NoDecode] = frozenset()
+    database_url: SecretStr | None = _env("DATABASE_URL")
+    data_dir: Path = Path(".gateway")
+    user_header: str = "X-User-ID"
+    max_strikes: int = Field(3, ge=1)
+    block_seconds: float = Field(86400.0, gt=0)
+    admin_token: SecretStr | None = None
+    moderation: Annotated[tuple[str, ...], NoDecode] = ("openai",)
+    rules_file: Path = DEFAULT_RULES_FILE
+    moderation_url: str | None = None
+    moderation_failure: Literal["closed", "open"] = "closed"
+    connect_timeout: float = Field(3.0, gt=0)
+    read_timeout: float = Field(120.0, gt=0)
+    max_body_bytes: int = Field(33554432, ge=1)
+    store_failure: Literal["closed", "open"] = "closed"
+    shutdown_grace: float = Field(30.0, ge=0)
+    allow_open_relay: bool = False
+    strike_window_seconds: float = Field(0.0, ge=0)
+    block_escalation: float = Field(1.0, ge=1)
+    max_block_seconds: float = Field(2592000.0, gt=0)
+    permanent_after_blocks: int = Field(0, ge=0)
+    enforcement: Literal["enforce", "shadow"] = "enforce"
+    moderation_thresholds: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    safety_identifier: Literal["off", "hash"] = "off"
+    safety_salt: SecretStr | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # extra: not in the contract's table, documented in the README.
+    moderation_timeout: float = Field(10.0, gt=0)
+    circuit_failures: int = Field(5, ge=1)
+    circuit_cooldown: float = Field(30.0, gt=0)
+    upstream_max_connections: int = Field(1000, ge=1)
+    db_pool_size: int = Field(10, ge=1)
+    db_statement_cache: bool = True
+    listen_database_url: SecretStr | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: Any) -> Any:
+        return frozenset(_split(value))
+
+    @field_validator("moderation", mode="before")
+    @classmethod
+    def _parse_moderation(cls, value: Any) -> Any:
+        items = [item.lower() for item in _split(value)]
+        if items == ["off"]:
+            return ()
+        unknown = [item for item in items if item not in DETECTORS]
+        if unknown or not items:
+            raise ValueError(f"expected a comma list of {', '.join(DETECTORS)}, or off; got {value!r}")
+        return tuple(dict.fromkeys(items))
+
+    @field_validator("moderation_thresholds", mode="before")
+    @classmethod
+    def _parse_thresholds(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        thresholds: dict[str, float] = {}
+        for item in _split(value):
+            category, sep, raw = item.partition("=")
+            try:
+                score = float(raw)
+            except ValueError:
+                score = math.nan
+            if not sep or not category.strip() or not 0 <= score <= 1:
+                raise ValueError(f"expected category=score with a score from 0 to 1, got {item!r}")
+            thresholds[category.strip()] = score
+        return thresholds
+
+    @field_validator("upstream_url", "moderation_url", "webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("user_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError(f"expected an HTTP header name, got {value!r}")
+        return value
+
+    @field_validator("log_level", "log_format", "enforcement", "safety_identifier", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.safety_identifier == "hash" and not self.safety_salt:
+            raise ValueError("GATEWAY_SAFETY_SALT is required when GATEWAY_SAFETY_IDENTIFIER=hash")
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("GATEWAY_WEBHOOK_SECRET is required when GATEWAY_WEBHOOK_URL is set")
+        return self
+
+    @property
+    def moderation_base_url(self) -> str:
+        return self.moderation_url or self.upstream_url
+
+    @property
+    def user_header_key(self) -> bytes:
+        """The user header as it appears in an ASGI scope: lower-case latin-1 bytes."""
+        return self.user_header.lower().encode("latin-1")
+
+    def open_relay_problem(self) -> str | None:
+        """Why this configuration would let anyone spend the OpenAI key, or None if it would not."""
+        if self.openai_api_key is None or self.api_keys or self.allow_open_relay:
+            return None
+        if _is_loopback(self.host):
+            return None
+        return (
+            f"GATEWAY_HOST={self.host} is reachable from other machines and OPENAI_API_KEY is set "
+            "without GATEWAY_API_KEYS, so anyone could spend the key: set GATEWAY_API_KEYS, listen "
+            "on 127.0.0.1, or set GATEWAY_ALLOW_OPEN_RELAY=true if a network policy guards it"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _variable(field: str) -> str:
+    if field in ("openai_api_key", "database_url"):
+        return field.upper()
+    return f"GATEWAY_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; a bad value raises SettingsError with one line for the operator."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        loc = [str(part) for part in error["loc"] if isinstance(part, str)]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not loc:
+            raise SettingsError(f"invalid settings: {message}") from None
+        field = loc[0].lower()
+        if field.startswith("gateway_"):
+            field = field.removeprefix("gateway_")
+        raw = error.get("input")
+        shown = "" if "secret" in field or "key" in field or "token" in field or "url" in field else f" (got {raw!r})"
+        if isinstance(raw, dict | list | tuple | frozenset):
+            shown = ""
+        raise SettingsError(f"{_variable(field)}: {message}{shown}") from None

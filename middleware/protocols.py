@@ -1,0 +1,109 @@
+"""What the moderation middleware needs from the outside world, as small protocols.
+
+The middleware knows nothing of asyncpg or aiohttp: `gateway` implements these (the strike
+store on PostgreSQL, the HTTP call of the `openai` detector on its aiohttp session).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A user's block in force. `until` is None for a permanent block."""
+
+    until: datetime | None
+
+    @property
+    def permanent(self) -> bool:
+        return self.until is None
+
+    def retry_after(self, now: datetime) -> int | None:
+        """Whole seconds left, rounded up (at least 1); None for a permanent block."""
+        if self.until is None:
+            return None
+        return max(1, math.ceil((self.until - now).total_seconds()))
+
+
+@dataclass(frozen=True, slots=True)
+class UserInput:
+    """The user-authored part of a request: what the detectors judge."""
+
+    texts: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()  # image URLs, data: URLs included
+
+    def __bool__(self) -> bool:
+        return bool(self.texts or self.images)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A detector's finding against one request. Only flagged verdicts are returned."""
+
+    detector: str
+    categories: tuple[str, ...]
+    text_sha256: str  # of the flagged text or image URL; the audit keeps this, never the text
+    rule: str | None = None
+    scores: Mapping[str, float] = field(default_factory=dict)  # scores that crossed a threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """What the store records for a flagged call."""
+
+    verdict: Verdict
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class StrikeOutcome:
+    """The user's state right after a strike: `block` is set when the user is now blocked."""
+
+    strikes: int
+    max_strikes: int
+    block: Block | None
+
+
+class StoreUnavailable(Exception):
+    """The database could not answer; the middleware applies GATEWAY_STORE_FAILURE."""
+
+
+class DetectorFailed(Exception):
+    """A detector could not judge; the middleware applies GATEWAY_MODERATION_FAILURE."""
+
+
+class StrikeStore(Protocol):
+    async def current_block(self, user_id: str) -> Block | None:
+        """The block in force for this user, or None. Raises StoreUnavailable."""
+        ...
+
+    async def record_violation(self, user_id: str, violation: Violation) -> StrikeOutcome:
+        """Add one strike atomically, blocking at the limit. Raises StoreUnavailable."""
+        ...
+
+    async def record_shadow_violation(self, user_id: str, violation: Violation) -> None:
+        """Audit a violation seen in shadow mode: no strike, no block."""
+        ...
+
+
+class Detector(Protocol):
+    name: str
+    cost: int  # detectors run cheapest first
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        """A verdict if the input is flagged, None if clean. Raises DetectorFailed.
+
+        `authorization` is the client's Authorization header, for detectors that call the
+        upstream with the call's own credentials.
+        """
+        ...
+
+
+# POST `body` (JSON) to `url` with `headers`, within `timeout` seconds: (status, response body).
+# Raises DetectorFailed on a connection failure or timeout.
+JsonPost = Callable[[str, bytes, Mapping[str, str], float], Awaitable[tuple[int, bytes]]]
