@@ -25,7 +25,7 @@ class SettingsError(Exception):
 
 def _env(name: str) -> Any:
     # Tests and code build Settings by field name; operators set the variable.
-    return Field(validation_alias=AliasChoices(name, name.lower()))
+    return Field(None, validation_alias=AliasChoices(name, name.lower()))
 
 
 def _split(value: Any) -> Any:
@@ -202,6 +202,6 @@ def load_settings(**overrides: Any) -> Settings:
             field = field.removeprefix("gateway_")
         raw = error.get("input")
         shown = "" if "secret" in field or "key" in field or "token" in field or "url" in field else f" (got {raw!r})"
-        if isinstance(raw, dict | list | tuple | frozenset):
+        if isinstance(raw, dict | list | tuple | frozenset) or repr(raw) in message:
             shown = ""
         raise SettingsError(f"{_variable(field)}: {message}{shown}") from None
