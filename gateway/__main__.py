@@ -1,0 +1,85 @@
+"""`python -m gateway [serve|migrate]` (also the console script `chat-gateway`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import uvicorn
+
+from gateway.settings import Settings, SettingsError, load_settings
+
+
+def _serve(settings: Settings) -> int:
+    from gateway.app import create_app
+
+    problem = settings.open_relay_problem()
+    if problem:
+        print(f"chat-gateway: refusing to start: {problem}", file=sys.stderr)
+        return 2
+    # Build the app once here so a bad setting fails now, with one line, not in every worker.
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app if settings.workers == 1 else "gateway.app:create_app",
+        factory=settings.workers > 1,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_grace,
+    )
+    # uvicorn re-raises the signal that stopped it once it has drained; SIGTERM then ends the
+    # process with 143. A graceful stop is a success, so let that re-raised signal go by.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if settings.workers > 1:
+        sock = config.bind_socket()
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[sock]).run()
+        return 0
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _migrate(settings: Settings) -> int:
+    from gateway.database import Database
+
+    async def run() -> None:
+        database = Database(settings)
+        await database.open()
+        await database.close()
+
+    asyncio.run(run())
+    print("chat-gateway: schema is up to date")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chat-gateway", description="Moderation gateway for the OpenAI API.")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "migrate"],
+        help="serve (default): run the gateway; migrate: apply the database schema and exit",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "migrate":
+            return _migrate(settings)
+        return _serve(settings)
+    except SettingsError as exc:
+        print(f"chat-gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Per-request context: the request id, the access log line and the request metrics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+
+from gateway.metrics import IN_FLIGHT, REQUEST_DURATION, REQUESTS
+from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+
+_REQUEST_ID = b"x-request-id"
+_UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
+# Routes with ids in their paths (/v1/files/file-abc) would make a label per id: keep one per family.
+_TWO_SEGMENT_ROUTES = frozenset({"chat", "audio", "fine_tuning", "vector_stores", "realtime"})
+
+access_log = structlog.get_logger("gateway.access")
+
+
+def route_label(path: str) -> str:
+    """A bounded-cardinality name for the route of `path`."""
+    if path.startswith("/v1/"):
+        parts = path[4:].split("/", 2)
+        if parts[0] in _TWO_SEGMENT_ROUTES and len(parts) > 1:
+            return f"/v1/{parts[0]}/{parts[1]}"
+        return f"/v1/{parts[0]}"
+    if path.startswith("/admin/"):
+        return "/admin/" + path[7:].split("/", 1)[0]
+    if path in ("/healthz", "/readyz", "/metrics"):
+        return path
+    return "other"
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == _REQUEST_ID:
+            # Echo the client's id only when it is safe to put back in a header and in a log.
+            text = value.decode("latin-1")
+            if 0 < len(text) <= 200 and text.isprintable():
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Gives every response an X-Request-ID, and every request one access log line and its metrics.
+
+    A proxied answer keeps the upstream's own request id as X-Upstream-Request-ID, since the
+    contract reserves X-Request-ID for the gateway's (the client's, when it sent one).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        request_id_bytes = request_id.encode("latin-1")
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        path = scope["path"]
+        status = 500
+        first_byte = 0.0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, first_byte
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                first_byte = time.perf_counter() - started
+                headers = [
+                    (_UPSTREAM_REQUEST_ID, value) if key.lower() == _REQUEST_ID else (key, value)
+                    for key, value in message.get("headers", ())
+                ]
+                headers.append((_REQUEST_ID, request_id_bytes))
+                message["headers"] = headers
+            await send(message)
+
+        IN_FLIGHT.inc()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            IN_FLIGHT.dec()
+            duration = time.perf_counter() - started
+            route = route_label(path)
+            REQUESTS.labels(route, scope["method"], str(status)).inc()
+            REQUEST_DURATION.labels(route).observe(first_byte or duration)
+            upstream = state.get("upstream_seconds")
+            access_log.info(
+                "request",
+                user_id=state.get("user_id"),
+                method=scope["method"],
+                path=path,
+                status=status,
+                duration_ms=round(duration * 1000, 2),
+                upstream_ms=None if upstream is None else round(upstream * 1000, 2),
+                decision=state.get("decision"),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
