@@ -3,11 +3,11 @@
 
 CREATE TABLE users (
     user_id        text        PRIMARY KEY,
-    -- Strikes count from this moment on (a block or an unblock resets them).
+    -- Strikes count from this moment on (a block's expiry or an unblock moves it).
     strikes_since  timestamptz NOT NULL DEFAULT '-infinity',
     -- NULL: not blocked. 'infinity': permanent. A past value is an expired block (no block).
     blocked_until  timestamptz,
-    -- Who set the block in force: 'policy' or 'admin' (for expiry events).
+    -- Who set the block in force: 'policy' or 'admin'.
     blocked_by     text        CHECK (blocked_by IN ('policy', 'admin')),
     -- Policy blocks so far; drives escalation and GATEWAY_PERMANENT_AFTER_BLOCKS.
     blocks         integer     NOT NULL DEFAULT 0,
@@ -15,6 +15,7 @@ CREATE TABLE users (
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- The expiry sweeper and the blocked-users listing and count.
 CREATE INDEX users_blocked_until_idx ON users (blocked_until) WHERE blocked_until IS NOT NULL;
 
 -- Append-only audit trail. No prompt text: categories, detector, rule, a SHA-256 of the text.
@@ -25,6 +26,8 @@ CREATE TABLE events (
     kind           text        NOT NULL CHECK (kind IN ('violation', 'block', 'unblock')),
     -- violation: true in shadow mode (recorded, no strike)
     shadow         boolean     NOT NULL DEFAULT false,
+    -- violation: false when it added no strike (shadow, or the user was already blocked)
+    counted        boolean     NOT NULL DEFAULT false,
     categories     text[]      NOT NULL DEFAULT '{}',
     detector       text,
     rule           text,
@@ -38,10 +41,12 @@ CREATE TABLE events (
     blocked_until  timestamptz
 );
 
-CREATE INDEX events_user_idx ON events (user_id, id DESC);
+-- A user's events, newest first.
+CREATE INDEX events_user_idx ON events (user_id, at DESC, id DESC);
+-- The 24-hour statistics.
 CREATE INDEX events_at_idx ON events (at);
 -- Strike counting: the user's counted violations after strikes_since.
-CREATE INDEX events_strikes_idx ON events (user_id, at) WHERE kind = 'violation' AND NOT shadow;
+CREATE INDEX events_strikes_idx ON events (user_id, at) WHERE counted;
 
 -- Transactional outbox for webhooks: written in the transaction of the state change.
 CREATE TABLE webhook_outbox (
