@@ -1,0 +1,474 @@
+"""The transparent streaming proxy: every method and path under /v1 goes to the upstream.
+
+A pure ASGI app (no Starlette request/response objects on the hot path) over one aiohttp
+session per worker. Bodies stream both ways; a client that goes away cancels the upstream
+call; connection failures are retried only when nothing was sent, and repeated ones open a
+circuit breaker (CONTRACT.md sections 3 and 4, ARCHITECTURE.md decisions 1, 3 and 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import metrics
+from gateway.settings import Settings
+from middleware.asgi import Message, Receive, Scope, Send
+from middleware.errors import GatewayError, sse_error_event
+from middleware.protocols import DetectorFailed
+
+# RFC 9110 7.6.1; the headers a Connection header names are dropped too.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# aiohttp writes Host and the framing of the body it sends; uvicorn already answered any Expect.
+_REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# Headers aiohttp would add on its own; the client's (or none) go upstream instead.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_RETRY_BACKOFF = (0.05, 0.2)
+# A response announcing at most this many bytes is read whole and sent in one message.
+_BUFFER_LIMIT = 64 * 1024
+# Shorter than common upstream idle timeouts (nginx 75 s), so a pooled connection is rarely stale.
+_KEEPALIVE_SECONDS = 15.0
+
+
+class _Circuit:
+    """Consecutive connection failures open it; after the cool-down one trial call decides."""
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def open(self) -> bool:
+        return self._opened_at is not None
+
+    def admit(self) -> bool:
+        """Let a call through (True if it is the half-open trial) or raise 503."""
+        if self._opened_at is None:
+            return False
+        left = self._opened_at + self._cooldown - time.monotonic()
+        if left > 0 or self._trial:
+            metrics.UPSTREAM_ERRORS.labels("circuit_open").inc()
+            seconds = max(1, math.ceil(left))
+            raise GatewayError(
+                503,
+                "upstream_circuit_open",
+                f"The upstream API failed repeatedly; the gateway stops calling it for {seconds} s. Retry later.",
+                headers={"Retry-After": str(seconds)},
+            )
+        self._trial = True
+        return True
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        if self._opened_at is not None:
+            self._opened_at = None
+            metrics.CIRCUIT_OPEN.set(0)
+
+    def failed(self, trial: bool) -> None:
+        self._failures += 1
+        if trial or self._failures >= self._threshold:
+            self._opened_at = time.monotonic()
+            metrics.CIRCUIT_OPEN.set(1)
+
+    def release(self, trial: bool) -> None:
+        if trial:
+            self._trial = False
+
+
+class _BodyAborted(Exception):
+    """The request body stream stopped: too large, or the client went away."""
+
+
+class _Call:
+    """What the body stream and the disconnect watcher share with the call they serve."""
+
+    __slots__ = ("body_done", "disconnected", "finished", "started", "too_large")
+
+    def __init__(self, body_done: asyncio.Event | None) -> None:
+        self.body_done = body_done  # None: the whole body is already in hand
+        self.started = False  # the body stream began reading from `receive`
+        self.disconnected = False
+        self.too_large = False
+        self.finished = False  # the last body message is being sent
+
+
+class Upstream:
+    """The ASGI app mounted at /v1: forwards every call to `settings.upstream_url`.
+
+    `start()` and `close()` belong in the lifespan. The session is per worker process.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._base = settings.upstream_url
+        self._max_body = settings.max_body_bytes
+        self._read_timeout = settings.read_timeout
+        self._connect_timeout = settings.connect_timeout
+        self._max_connections = settings.upstream_max_connections
+        drop = set(_REQUEST_DROP)
+        drop.add(settings.user_header_key)
+        self._authorization: str | None = None
+        if settings.openai_api_key is not None:
+            drop.add(b"authorization")
+            self._authorization = f"Bearer {settings.openai_api_key.get_secret_value()}"
+        self._request_drop = frozenset(drop)
+        self._circuit = _Circuit(settings.circuit_failures, settings.circuit_cooldown)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def circuit_open(self) -> bool:
+        """True from the moment the breaker trips until a trial call gets an answer."""
+        return self._circuit.open
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_SECONDS
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout),
+            auto_decompress=False,
+            # A shared jar would hand one user's upstream cookies to the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            trust_env=False,
+        )
+        # aiohttp resends idempotent requests once when a connection drops after sending; the
+        # contract retries only failures that happen before any byte was sent.
+        if hasattr(session, "_retry_connection"):
+            session._retry_connection = False
+        self._session = session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # `timeout` is part of the JsonPost protocol the moderation middleware calls.
+    async def post_json(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[int, bytes]:
+        """POST a JSON body on the upstream session (a `JsonPost`); raises DetectorFailed."""
+        session = self._require_session()
+        request_headers = CIMultiDict(headers)
+        request_headers.setdefault("Content-Type", "application/json")
+        # The session does not decompress (the proxy passes bytes through), so ask for none.
+        request_headers.setdefault("Accept-Encoding", "identity")
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers=request_headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                data = await response.read()
+                encoding = response.headers.get("Content-Encoding", "").lower()
+                if encoding in ("gzip", "deflate"):
+                    data = zlib.decompress(data, zlib.MAX_WBITS | 32)
+                return response.status, data
+        except (aiohttp.ClientError, TimeoutError, zlib.error) as exc:
+            raise DetectorFailed(f"POST {url} failed: {exc!r}") from exc
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Upstream.start() must run (in the lifespan) before the proxy serves calls")
+        return self._session
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        session = self._require_session()
+        task = asyncio.current_task()
+        assert task is not None
+        call: _Call | None = None
+        watcher: asyncio.Task[None] | None = None
+        response: aiohttp.ClientResponse | None = None
+        trial = False
+        try:
+            try:
+                headers, content_length = self._request_headers(scope["headers"])
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                first: bytes = message.get("body", b"")
+                if len(first) > self._max_body:
+                    raise self._too_large()
+                if message.get("more_body", False):
+                    call = _Call(asyncio.Event())
+                    if content_length is not None:
+                        headers["Content-Length"] = content_length
+                else:
+                    call = _Call(None)
+                trial = self._circuit.admit()
+                watcher = asyncio.create_task(_watch_disconnect(receive, call, task))
+                started = time.perf_counter()
+                response = await self._open(session, scope, headers, first, receive, call, trial)
+                elapsed = time.perf_counter() - started
+                metrics.UPSTREAM_DURATION.observe(elapsed)
+                state = scope.get("state")
+                if isinstance(state, dict):
+                    state["upstream_seconds"] = elapsed
+                await self._relay(response, scope, send, call)
+            except GatewayError as exc:
+                if watcher is not None:
+                    watcher.cancel()
+                if call is None or not call.disconnected:
+                    await exc.send(send)
+        except asyncio.CancelledError:
+            # The watcher cancels this task when the client goes away: a normal end of the call.
+            if call is not None and call.disconnected and task.uncancel() == 0:
+                return
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if response is not None:
+                response.close()
+            self._circuit.release(trial)
+
+    def _request_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], str | None]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        content_length: str | None = None
+        connection: list[bytes] | None = None
+        drop = self._request_drop
+        for name, value in raw:
+            if name in drop:
+                if name == b"content-length":
+                    content_length = value.decode("latin-1")
+                elif name == b"connection":
+                    connection = (connection or []) + value.split(b",")
+                continue
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        if connection is not None:
+            for token in connection:
+                named = token.strip().decode("latin-1")
+                if named:
+                    headers.popall(named, None)
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization
+        if content_length is not None:
+            try:
+                announced = int(content_length)
+            except ValueError:
+                announced = 0
+            if announced > self._max_body:
+                raise self._too_large()
+        return headers, content_length
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(
+            413,
+            "request_too_large",
+            f"The request body is larger than the gateway accepts ({self._max_body} bytes).",
+        )
+
+    def _url(self, scope: Scope) -> URL:
+        # Starlette's Mount leaves `path` whole and appends the mount prefix to `root_path`.
+        root: str = scope.get("root_path", "")
+        query: bytes = scope.get("query_string", b"")
+        raw: bytes | None = scope.get("raw_path")
+        prefix = root.encode("latin-1")
+        if raw is not None and raw.startswith(prefix) and raw.isascii():
+            # The client's own percent-encoding, untouched.
+            target = raw[len(prefix) :].decode("ascii")
+            if query:
+                target += "?" + query.decode("latin-1")
+            return URL(self._base + target, encoded=True)
+        path: str = scope["path"]
+        rest = path[len(root) :] if path.startswith(root) else path
+        url = URL(self._base + rest)
+        return url.with_query(query.decode("latin-1")) if query else url
+
+    async def _open(
+        self,
+        session: aiohttp.ClientSession,
+        scope: Scope,
+        headers: CIMultiDict[str],
+        first: bytes,
+        receive: Receive,
+        call: _Call,
+        trial: bool,
+    ) -> aiohttp.ClientResponse:
+        """Send the request and return the response once its headers arrived."""
+        method: str = scope["method"]
+        url = self._url(scope)
+        attempt = 0
+        while True:
+            data: Any = self._body_stream(first, receive, call) if call.body_done is not None else first or None
+            try:
+                response = await session.request(method, url, headers=headers, data=data, allow_redirects=False)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Nothing reached the upstream: safe to send again if the body can be replayed.
+                if attempt < len(_RETRY_BACKOFF) and not call.started:
+                    metrics.UPSTREAM_RETRIES.inc()
+                    await asyncio.sleep(_RETRY_BACKOFF[attempt] * (0.5 + random.random()))
+                    attempt += 1
+                    continue
+                self._circuit.failed(trial)
+                if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+                    raise GatewayError(
+                        504,
+                        "upstream_timeout",
+                        f"The upstream API did not accept a connection within {self._connect_timeout:g} s.",
+                    ) from exc
+                metrics.UPSTREAM_ERRORS.labels("connect").inc()
+                raise GatewayError(
+                    502, "upstream_unavailable", "The upstream API refused the connection; try again later."
+                ) from exc
+            except (aiohttp.ClientError, OSError, _BodyAborted) as exc:
+                if call.too_large:
+                    raise self._too_large() from exc
+                if call.disconnected:
+                    raise asyncio.CancelledError from exc
+                self._circuit.succeeded()
+                if isinstance(exc, TimeoutError):
+                    metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+                    raise GatewayError(
+                        504,
+                        "upstream_timeout",
+                        f"The upstream API sent nothing for {self._read_timeout:g} s.",
+                    ) from exc
+                metrics.UPSTREAM_ERRORS.labels("dropped").inc()
+                raise GatewayError(
+                    502,
+                    "upstream_unavailable",
+                    "The upstream API dropped the connection before answering; try again later.",
+                ) from exc
+            self._circuit.succeeded()
+            return response
+
+    async def _body_stream(self, first: bytes, receive: Receive, call: _Call) -> AsyncIterator[bytes]:
+        call.started = True
+        size = len(first)
+        if first:
+            yield first
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                call.disconnected = True
+                raise _BodyAborted
+            chunk: bytes = message.get("body", b"")
+            more = message.get("more_body", False)
+            size += len(chunk)
+            if size > self._max_body:
+                call.too_large = True
+                raise _BodyAborted
+            if chunk:
+                yield chunk
+        assert call.body_done is not None
+        call.body_done.set()
+
+    async def _relay(self, response: aiohttp.ClientResponse, scope: Scope, send: Send, call: _Call) -> None:
+        start: Message = {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": _response_headers(response.raw_headers),
+        }
+        length = response.content_length
+        if length is not None and length <= _BUFFER_LIMIT:
+            try:
+                body = await response.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                # Nothing reached the client yet, so it can still get a proper error.
+                raise self._dropped(exc, scope) from exc
+            await send(start)
+            call.finished = True
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        await send(start)
+        content = response.content
+        last = b""
+        try:
+            while chunk := await content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last = chunk
+        except (aiohttp.ClientError, OSError) as exc:
+            error = self._dropped(exc, scope)
+            content_type = response.headers.get("Content-Type", "")
+            if length is None and content_type.startswith("text/event-stream"):
+                event = sse_error_event(error.code, error.message, error.status)
+                if not last.endswith((b"\n\n", b"\r\n\r\n")):
+                    event = b"\n\n" + event  # end the event the upstream left unfinished
+                call.finished = True
+                await send({"type": "http.response.body", "body": event})
+            # Otherwise return without ending the body: uvicorn closes the connection, so the
+            # client sees a truncated response rather than a short one that looks complete.
+            return
+        call.finished = True
+        await send({"type": "http.response.body", "body": b""})
+
+    def _dropped(self, exc: BaseException, scope: Scope) -> GatewayError:
+        kind = "timeout" if isinstance(exc, TimeoutError) else "dropped"
+        metrics.UPSTREAM_ERRORS.labels(kind).inc()
+        state = scope.get("state")
+        if isinstance(state, dict):
+            state["upstream_error"] = kind
+        if kind == "timeout":
+            return GatewayError(
+                504, "upstream_timeout", f"The upstream API went silent for {self._read_timeout:g} s mid-answer."
+            )
+        return GatewayError(502, "upstream_unavailable", "The upstream API dropped the connection mid-answer.")
+
+
+def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    connection: bytes | None = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP:
+            if lower == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            continue
+        headers.append((lower, value))
+    if connection is not None:
+        named = {token.strip().lower() for token in connection.split(b",")}
+        headers = [(name, value) for name, value in headers if name not in named]
+    return headers
+
+
+async def _watch_disconnect(receive: Receive, call: _Call, task: asyncio.Task[Any]) -> None:
+    # Starlette stops watching for disconnects on ASGI spec >= 2.4, and a silent upstream would
+    # hide a gone client: wait for it here and cancel the call (ARCHITECTURE.md decision 3).
+    if call.body_done is not None:
+        await call.body_done.wait()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            # uvicorn also reports a disconnect once the response is complete: not a gone client.
+            if not call.finished:
+                call.disconnected = True
+                task.cancel()
+            return
