@@ -1,5 +1,284 @@
-"""Moderation detectors (placeholder until the detectors land)."""
+"""Moderation detectors: operator-written regex rules, and OpenAI's moderation endpoint."""
 
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import tomllib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import orjson
+
+from middleware.metrics import VERDICT_CACHE
+from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("rules.toml")
+MODERATION_MODEL = "omni-moderation-latest"
+
+# categories end up in metrics labels and a response header: keep them plain
+_CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ ./:-]*")
+_RULE_KEYS = frozenset({"category", "pattern", "name"})
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    category: str
+    pattern: re.Pattern[str]
+
+
+def load_rules(path: Path) -> tuple[Rule, ...]:
+    """Read and compile a rules file; any problem is a ValueError naming the file and the rule."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the rules file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the rules file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: the rules file is not valid TOML ({exc})") from None
+    tables = data.get("rules")
+    if not isinstance(tables, list) or not tables:
+        raise ValueError(f"{path}: expected one or more [[rules]] tables")
+    return tuple(_rule(path, index, table) for index, table in enumerate(tables, 1))
+
+
+def _rule(path: Path, index: int, table: Any) -> Rule:
+    where = f"{path}: rule {index}"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a [[rules]] table")
+    unknown = sorted(set(table) - _RULE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (expected category, pattern and optional name)")
+    category = table.get("category")
+    if not isinstance(category, str) or not _CATEGORY.fullmatch(category):
+        raise ValueError(
+            f"{where}: `category` must be a string of letters, digits, spaces and _ . / : - (got {category!r})"
+        )
+    source = table.get("pattern")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{where}: `pattern` must be a non-empty string (got {source!r})")
+    try:
+        pattern = re.compile(source, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"{where}: `pattern` is not a valid Python regular expression ({exc})") from None
+    if pattern.search(""):
+        raise ValueError(f"{where}: `pattern` matches empty text, so it would flag every request")
+    name = table.get("name", source)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: `name` must be a non-empty string (got {name!r})")
+    return Rule(name=name, category=category, pattern=pattern)
+
+
+class RulesDetector:
+    """Flags a text when a rule's pattern matches it; the first matching rule decides.
+
+    Images are not judged. The verdict's `rule` is the rule's name (its pattern by default).
+    """
+
+    name = "rules"
+    cost = 0
+
+    def __init__(self, rules_file: Path) -> None:
+        self.rules = load_rules(rules_file)
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        for text in user_input.texts:
+            for rule in self.rules:
+                if rule.pattern.search(text):
+                    return Verdict(
+                        detector=self.name, categories=(rule.category,), text_sha256=sha256_hex(text), rule=rule.name
+                    )
+        return None
+
+
+class VerdictCache:
+    """A bounded LRU of verdicts by the SHA-256 of one text or image URL; None is a clean verdict."""
+
+    def __init__(self, detector: str, size: int = 10_000) -> None:
+        self._entries: OrderedDict[str, Verdict | None] = OrderedDict()
+        self._size = size
+        self._hits = VERDICT_CACHE.labels(detector, "hit")
+        self._misses = VERDICT_CACHE.labels(detector, "miss")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> tuple[bool, Verdict | None]:
+        """(found, verdict)."""
+        if key not in self._entries:
+            self._misses.inc()
+            return False, None
+        self._hits.inc()
+        self._entries.move_to_end(key)
+        return True, self._entries[key]
+
+    def put(self, key: str, verdict: Verdict | None) -> None:
+        self._entries[key] = verdict
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    kind: str  # "text" or "image"
+    value: str
+    sha256: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.sha256}"
+
+    def part(self) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"type": "text", "text": self.value}
+        return {"type": "image_url", "image_url": {"url": self.value}}
+
+
+class OpenAIDetector:
+    """OpenAI's moderation endpoint (`POST {base_url}/moderations`, model omni-moderation-latest).
+
+    Credentials: `Bearer <api_key>` when the gateway has one, else the call's own Authorization.
+
+    Flagging. Without thresholds, a result with `flagged: true` is a violation and its true
+    `categories` are the categories. With thresholds (`{"violence": 0.5, "*": 0.9}`), `flagged` is
+    not consulted: each category is flagged when its `category_scores` entry is at or above its own
+    threshold, else the `*` one; a category with neither keeps its boolean from `categories`. The
+    verdict's `scores` holds the scores that crossed a threshold.
+
+    Caching. Every text and image URL is looked up by its SHA-256 in a bounded LRU first, so a
+    conversation's history resent every turn is judged once; only the rest is sent. Texts alone are
+    sent as an array of strings, which the endpoint answers with one result per string: each is
+    cached with its own verdict. With images the input is one multimodal array, which the endpoint
+    may answer with a single result for everything: then no input can be blamed alone, so the
+    inputs are cached only when that result is clean, a flagged result is not cached, and its
+    verdict's `text_sha256` is the SHA-256 of the JSON input array that was sent.
+    """
+
+    name = "openai"
+    cost = 100
+
+    def __init__(
+        self,
+        post: JsonPost,
+        base_url: str,
+        api_key: str | None,
+        thresholds: Mapping[str, float],
+        timeout: float,
+        *,
+        cache_size: int = 10_000,
+    ) -> None:
+        self._post = post
+        self.url = base_url.rstrip("/") + "/moderations"
+        self._api_key = api_key
+        self._thresholds = dict(thresholds)
+        self._timeout = timeout
+        self.cache = VerdictCache(self.name, cache_size)
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        items = [_Item("text", text, sha256_hex(text)) for text in user_input.texts]
+        items += [_Item("image", url, sha256_hex(url)) for url in user_input.images]
+        pending: list[_Item] = []
+        for item in items:
+            found, verdict = self.cache.get(item.key)
+            if verdict is not None:
+                return verdict
+            if not found:
+                pending.append(item)
+        if not pending:
+            return None
+
+        if any(item.kind == "image" for item in pending):
+            sent: list[Any] = [item.part() for item in pending]
+        else:
+            sent = [item.value for item in pending]
+        results = await self._moderate(sent, authorization)
+
+        if len(results) == len(pending):
+            first: Verdict | None = None
+            for item, result in zip(pending, results, strict=True):
+                verdict = self._judge(result, item.sha256)
+                self.cache.put(item.key, verdict)
+                first = first or verdict
+            return first
+        whole = hashlib.sha256(orjson.dumps(sent)).hexdigest()
+        for result in results:
+            verdict = self._judge(result, whole)
+            if verdict is not None:
+                return verdict
+        for item in pending:
+            self.cache.put(item.key, None)
+        return None
+
+    async def _moderate(self, sent: list[Any], authorization: str | None) -> Sequence[Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        elif authorization:
+            headers["Authorization"] = authorization
+        payload = orjson.dumps({"model": MODERATION_MODEL, "input": sent})
+        try:
+            async with asyncio.timeout(self._timeout):
+                status, body = await self._post(self.url, payload, headers, self._timeout)
+        except TimeoutError:
+            raise DetectorFailed(f"the moderation endpoint {self.url} did not answer within {self._timeout}s") from None
+        except OSError as exc:
+            raise DetectorFailed(f"the moderation endpoint {self.url} could not be reached: {exc}") from None
+        if not 200 <= status < 300:
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered HTTP {status}{_error_detail(body)}")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered a body that is not JSON") from None
+        results = data.get("results") if isinstance(data, dict) else None
+        if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered JSON without a `results` list")
+        return results
+
+    def _judge(self, result: Mapping[str, Any], sha256: str) -> Verdict | None:
+        flags = result.get("categories")
+        flags = flags if isinstance(flags, dict) else {}
+        scores = result.get("category_scores")
+        scores = scores if isinstance(scores, dict) else {}
+        if not self._thresholds:
+            if result.get("flagged") is not True:
+                return None
+            names = tuple(name for name, flagged in flags.items() if flagged is True) or ("unspecified",)
+            return Verdict(detector=self.name, categories=names, text_sha256=sha256)
+
+        default = self._thresholds.get("*")
+        categories: list[str] = []
+        crossed: dict[str, float] = {}
+        for name in dict.fromkeys([*scores, *flags]):
+            threshold = self._thresholds.get(name, default)
+            score = scores.get(name)
+            if threshold is None:
+                if flags.get(name) is True:
+                    categories.append(name)
+            elif isinstance(score, int | float) and not isinstance(score, bool) and score >= threshold:
+                categories.append(name)
+                crossed[name] = float(score)
+        if not categories:
+            return None
+        return Verdict(detector=self.name, categories=tuple(categories), text_sha256=sha256, scores=crossed)
+
+
+def _error_detail(body: bytes) -> str:
+    """The upstream's own error message, if it sent an OpenAI-shaped one (e.g. a wrong key)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return f": {message[:200]}" if isinstance(message, str) and message else ""

@@ -43,7 +43,7 @@ class _Collector:
             if isinstance(part, str):
                 self.text(part)
             elif isinstance(part, dict):
-                kind = part.get("type")
+                kind = _kind(part)
                 if kind in _TEXT_PARTS:
                     self.text(part.get("text"))
                 elif kind in _IMAGE_PARTS:
@@ -97,7 +97,7 @@ def _responses(found: _Collector, items: Any) -> None:
         if not isinstance(item, dict):
             continue
         role = item.get("role")
-        kind = item.get("type")
+        kind = _kind(item)
         if role == "user" and kind in (None, "message"):
             found.content(item.get("content"))
         elif role is None and kind == "message":
@@ -106,3 +106,9 @@ def _responses(found: _Collector, items: Any) -> None:
         elif role is None and (kind in _TEXT_PARTS or kind in _IMAGE_PARTS):
             # a bare content part in the input list: the caller's, not a tool's or the model's
             found.content([item])
+
+
+def _kind(item: dict[str, Any]) -> str | None:
+    # `type` is whatever the client sent: a list or an object there must not raise.
+    kind = item.get("type")
+    return kind if isinstance(kind, str) else None

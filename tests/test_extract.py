@@ -1,0 +1,161 @@
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from middleware.extract import extract_user_input
+from middleware.protocols import UserInput
+
+
+def test_chat_string_content_of_user_messages_only() -> None:
+    body = {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "system words"},
+            {"role": "developer", "content": "developer words"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "assistant words"},
+            {"role": "tool", "content": "tool words", "tool_call_id": "x"},
+            {"role": "user", "content": "second question"},
+        ],
+    }
+    assert extract_user_input("chat", body) == UserInput(texts=("first question", "second question"))
+
+
+def test_chat_text_and_image_parts() -> None:
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+                    {"type": "image_url", "image_url": "data:image/png;base64,AAAA"},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "assistant part"}]},
+        ]
+    }
+    found = extract_user_input("chat", body)
+    assert found.texts == ("what is this?",)
+    assert found.images == ("https://example.com/a.png", "data:image/png;base64,AAAA")
+
+
+def test_identical_texts_and_images_are_deduplicated_in_order() -> None:
+    body = {
+        "messages": [
+            {"role": "user", "content": "b"},
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": [{"type": "text", "text": "b"}, {"type": "image_url", "image_url": "u"}]},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+        ]
+    }
+    assert extract_user_input("chat", body) == UserInput(texts=("b", "a"), images=("u",))
+
+
+def test_blank_texts_are_not_input() -> None:
+    body = {"messages": [{"role": "user", "content": "  \n"}, {"role": "user", "content": ""}]}
+    assert not extract_user_input("chat", body)
+
+
+def test_completion_prompt_string_list_and_token_ids() -> None:
+    assert extract_user_input("completions", {"prompt": "once upon"}).texts == ("once upon",)
+    assert extract_user_input("completions", {"prompt": ["one", "two", 3]}).texts == ("one", "two")
+    assert not extract_user_input("completions", {"prompt": [1, 2, 3]})
+    assert not extract_user_input("completions", {"prompt": [[1, 2], [3]]})
+
+
+def test_responses_string_input() -> None:
+    assert extract_user_input("responses", {"input": "hello", "instructions": "be nice"}).texts == ("hello",)
+
+
+def test_responses_items_of_the_user_only() -> None:
+    body = {
+        "instructions": "system-ish words",
+        "input": [
+            {"role": "system", "content": "system words"},
+            {"role": "developer", "content": [{"type": "input_text", "text": "developer words"}]},
+            {"role": "user", "content": "plain user text"},
+            {
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "part text"},
+                    {"type": "input_image", "image_url": "https://example.com/b.png", "detail": "auto"},
+                    {"type": "input_image", "file_id": "file-123"},
+                ],
+            },
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "model words"}]},
+            {"type": "function_call_output", "call_id": "c", "output": "tool words"},
+            {"type": "message", "content": [{"type": "input_text", "text": "roleless message"}]},
+        ],
+    }
+    found = extract_user_input("responses", body)
+    assert found.texts == ("plain user text", "part text", "roleless message")
+    assert found.images == ("https://example.com/b.png",)
+
+
+def test_unknown_route_finds_nothing() -> None:
+    assert not extract_user_input("embeddings", {"input": "text", "messages": [{"role": "user", "content": "x"}]})
+
+
+def test_wrong_types_are_skipped() -> None:
+    odd: list[dict[str, Any]] = [
+        {"messages": "not a list"},
+        {"messages": [None, 1, "x", [], {"role": "user"}, {"role": "user", "content": 5}]},
+        {"messages": [{"role": "user", "content": [None, 1, {"type": "text", "text": 7}, {"type": "image_url"}]}]},
+        {"messages": [{"role": ["user"], "content": "x"}]},
+    ]
+    for body in odd:
+        assert not extract_user_input("chat", body)
+    assert not extract_user_input("completions", {"prompt": {"a": 1}})
+    assert not extract_user_input("responses", {"input": [{"role": "user", "content": {"text": "x"}}, None, 3]})
+    assert not extract_user_input("chat", [])  # type: ignore[arg-type]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+# keys the extractor looks at, so generated values land where it reads
+shaped_keys = st.sampled_from(["messages", "prompt", "input", "role", "content", "type", "text", "image_url", "url"])
+shaped_values = st.recursive(
+    st.none() | st.integers() | st.text(max_size=8) | st.sampled_from(["user", "text", "input_text", "image_url"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(shaped_keys, children, max_size=4),
+    max_leaves=40,
+)
+
+
+@given(st.sampled_from(["chat", "completions", "responses"]), json_values | shaped_values)
+def test_never_raises_on_any_json_value(route: str, value: Any) -> None:
+    for body in (value, {"messages": value, "prompt": value, "input": value}):
+        found = extract_user_input(route, body)
+        assert all(isinstance(text, str) for text in found.texts)
+        assert all(isinstance(url, str) for url in found.images)
+
+
+user_texts = st.text(min_size=1, max_size=30).filter(lambda text: bool(text.strip()))
+other_roles = st.sampled_from(["system", "developer", "assistant", "tool"])
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["user", "other"]), user_texts, st.booleans(), other_roles),
+        max_size=12,
+    )
+)
+def test_finds_every_user_text_of_a_chat_body(messages: list[tuple[str, str, bool, str]]) -> None:
+    body_messages: list[dict[str, Any]] = []
+    expected: list[str] = []
+    for kind, text, as_parts, role in messages:
+        content: Any = [{"type": "text", "text": text}] if as_parts else text
+        if kind == "user":
+            body_messages.append({"role": "user", "content": content})
+            expected.append(text)
+        else:
+            body_messages.append({"role": role, "content": content})
+    found = extract_user_input("chat", {"model": "m", "messages": body_messages})
+    assert found.texts == tuple(dict.fromkeys(expected))
+    assert not found.images
