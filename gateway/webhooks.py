@@ -30,6 +30,8 @@ DELIVERIES = Counter(
     "Webhook POST attempts, by result (delivered, rejected, timeout, unreachable).",
     ["result"],
 )
+for _result in ("delivered", "rejected", "timeout", "unreachable"):
+    DELIVERIES.labels(_result)  # so dashboards see 0 rather than no series
 PENDING = Gauge("gateway_webhook_outbox_pending", "Webhook events not yet delivered, as last seen by this process.")
 
 # Claim due rows by pushing next_attempt_at out to a lease, in one autocommit statement.
