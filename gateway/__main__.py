@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 
@@ -32,7 +33,10 @@ def _serve(settings: Settings) -> int:
         lifespan="on",
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=settings.shutdown_grace,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
+        # The upstream's own Date and Server headers pass through; don't add a second pair.
+        server_header=False,
+        date_header=False,
     )
     # uvicorn re-raises the signal that stopped it once it has drained; SIGTERM then ends the
     # process with 143. A graceful stop is a success, so let that re-raised signal go by.

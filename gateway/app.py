@@ -132,7 +132,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    salt = settings.safety_salt.get_secret_value().encode() if settings.safety_identifier == "hash" and settings.safety_salt else None
+    salt = None
+    if settings.safety_identifier == "hash" and settings.safety_salt:
+        salt = settings.safety_salt.get_secret_value().encode()
     middleware = [
         Middleware(RequestContextMiddleware),
         Middleware(ClientKeyMiddleware, keys=frozenset(key.get_secret_value() for key in settings.api_keys)),

@@ -12,8 +12,16 @@ from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 
 _REQUEST_ID = b"x-request-id"
 _UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
-# Routes with ids in their paths (/v1/files/file-abc) would make a label per id: keep one per family.
-_TWO_SEGMENT_ROUTES = frozenset({"chat", "audio", "fine_tuning", "vector_stores", "realtime"})
+# Metric labels must stay a small fixed set whatever paths clients send: ids in paths
+# (/v1/files/file-abc) and made-up paths fold into their family or "other".
+_V1_ROUTES = frozenset(
+    {
+        "assistants", "audio", "batches", "chat", "completions", "containers", "conversations", "embeddings",
+        "evals", "files", "fine_tuning", "images", "models", "moderations", "realtime", "responses", "threads",
+        "uploads", "vector_stores", "videos",
+    }
+)  # fmt: skip
+_ADMIN_ROUTES = frozenset({"users", "block", "unblock", "stats", "openapi.json"})
 
 access_log = structlog.get_logger("gateway.access")
 
@@ -21,12 +29,13 @@ access_log = structlog.get_logger("gateway.access")
 def route_label(path: str) -> str:
     """A bounded-cardinality name for the route of `path`."""
     if path.startswith("/v1/"):
-        parts = path[4:].split("/", 2)
-        if parts[0] in _TWO_SEGMENT_ROUTES and len(parts) > 1:
-            return f"/v1/{parts[0]}/{parts[1]}"
-        return f"/v1/{parts[0]}"
+        family = path[4:].split("/", 1)[0]
+        if family == "chat" and path.startswith("/v1/chat/completions"):
+            return "/v1/chat/completions"
+        return f"/v1/{family}" if family in _V1_ROUTES else "/v1/other"
     if path.startswith("/admin/"):
-        return "/admin/" + path[7:].split("/", 1)[0]
+        family = path[7:].split("/", 1)[0]
+        return f"/admin/{family}" if family in _ADMIN_ROUTES else "/admin/other"
     if path in ("/healthz", "/readyz", "/metrics"):
         return path
     return "other"
@@ -36,7 +45,7 @@ def _request_id(scope: Scope) -> str:
     for key, value in scope["headers"]:
         if key == _REQUEST_ID:
             # Echo the client's id only when it is safe to put back in a header and in a log.
-            text = value.decode("latin-1")
+            text: str = value.decode("latin-1")
             if 0 < len(text) <= 200 and text.isprintable():
                 return text
             break

@@ -1,0 +1,143 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Settings read the environment and `.env` of the working directory: isolate both.
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load_settings()
+    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8000, 1)
+    assert settings.upstream_url == "https://api.openai.com/v1"
+    assert settings.openai_api_key is None
+    assert settings.api_keys == frozenset()
+    assert settings.database_url is None
+    assert settings.data_dir == Path(".gateway")
+    assert settings.user_header == "X-User-ID"
+    assert (settings.max_strikes, settings.block_seconds) == (3, 86400.0)
+    assert settings.moderation == ("openai",)
+    assert settings.rules_file.name == "rules.toml"
+    assert settings.moderation_base_url == settings.upstream_url
+    assert (settings.moderation_failure, settings.store_failure) == ("closed", "closed")
+    assert (settings.connect_timeout, settings.read_timeout) == (3.0, 120.0)
+    assert settings.max_body_bytes == 33554432
+    assert settings.shutdown_grace == 30.0
+    assert settings.allow_open_relay is False
+    assert settings.strike_window_seconds == 0
+    assert (settings.block_escalation, settings.max_block_seconds, settings.permanent_after_blocks) == (1, 2592000, 0)
+    assert settings.enforcement == "enforce"
+    assert settings.moderation_thresholds == {}
+    assert settings.safety_identifier == "off"
+    assert settings.webhook_url is None
+    assert (settings.log_format, settings.log_level) == ("json", "info")
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_PORT", "9001")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/gw")
+    monkeypatch.setenv("GATEWAY_API_KEYS", "key-a, key-b,")
+    monkeypatch.setenv("GATEWAY_MODERATION", "rules,openai,rules")
+    monkeypatch.setenv("GATEWAY_MODERATION_THRESHOLDS", "violence=0.4, *=0.8")
+    monkeypatch.setenv("GATEWAY_BLOCK_SECONDS", "1.5")
+    monkeypatch.setenv("GATEWAY_UPSTREAM_URL", "http://localhost:9000/v1/")
+    monkeypatch.setenv("GATEWAY_ENFORCEMENT", "SHADOW")
+    settings = load_settings()
+    assert settings.port == 9001
+    assert settings.openai_api_key is not None
+    assert settings.openai_api_key.get_secret_value() == "sk-upstream"
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == "postgresql://db/gw"
+    assert {key.get_secret_value() for key in settings.api_keys} == {"key-a", "key-b"}
+    assert settings.moderation == ("rules", "openai")
+    assert settings.moderation_thresholds == {"violence": 0.4, "*": 0.8}
+    assert settings.block_seconds == 1.5
+    assert settings.upstream_url == "http://localhost:9000/v1"
+    assert settings.enforcement == "shadow"
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("GATEWAY_MAX_STRIKES=5\nGATEWAY_MODERATION=off\n")
+    settings = load_settings()
+    assert settings.max_strikes == 5
+    assert settings.moderation == ()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("GATEWAY_PORT", "eighty", "GATEWAY_PORT: Input should be a valid integer"),
+        ("GATEWAY_MAX_STRIKES", "0", "GATEWAY_MAX_STRIKES: Input should be greater than or equal to 1"),
+        ("GATEWAY_BLOCK_SECONDS", "-1", "GATEWAY_BLOCK_SECONDS: Input should be greater than 0"),
+        ("GATEWAY_MODERATION", "openai,magic", "GATEWAY_MODERATION: expected a comma list of openai, rules, or off"),
+        ("GATEWAY_MODERATION_FAILURE", "maybe", "GATEWAY_MODERATION_FAILURE: Input should be 'closed' or 'open'"),
+        ("GATEWAY_MODERATION_THRESHOLDS", "violence", "GATEWAY_MODERATION_THRESHOLDS: expected category=score"),
+        ("GATEWAY_MODERATION_THRESHOLDS", "violence=1.5", "GATEWAY_MODERATION_THRESHOLDS: expected category=score"),
+        ("GATEWAY_UPSTREAM_URL", "api.openai.com", "GATEWAY_UPSTREAM_URL: expected an http:// or https:// URL"),
+        ("GATEWAY_USER_HEADER", "X User", "GATEWAY_USER_HEADER: expected an HTTP header name"),
+        ("GATEWAY_BLOCK_ESCALATION", "0.5", "GATEWAY_BLOCK_ESCALATION: Input should be greater than or equal to 1"),
+        ("GATEWAY_ENFORCEMENT", "strict", "GATEWAY_ENFORCEMENT: Input should be 'enforce' or 'shadow'"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_secrets_are_never_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_WEBHOOK_URL", "ftp://hooks.example/secret-path")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "secret-path" not in str(caught.value).split(":", 1)[0]
+    assert str(caught.value).startswith("GATEWAY_WEBHOOK_URL:")
+
+
+def test_dependent_settings_are_required_together() -> None:
+    with pytest.raises(SettingsError, match="GATEWAY_SAFETY_SALT is required"):
+        load_settings(safety_identifier="hash")
+    with pytest.raises(SettingsError, match="GATEWAY_WEBHOOK_SECRET is required"):
+        load_settings(webhook_url="http://127.0.0.1:9/hook")
+    assert load_settings(safety_identifier="hash", safety_salt="pepper").safety_salt is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        ({"openai_api_key": "sk-x", "host": "0.0.0.0"}, True),
+        ({"openai_api_key": "sk-x", "host": "::"}, True),
+        ({"openai_api_key": "sk-x", "host": "10.1.2.3"}, True),
+        ({"openai_api_key": "sk-x", "host": "127.0.0.1"}, False),
+        ({"openai_api_key": "sk-x", "host": "localhost"}, False),
+        ({"openai_api_key": "sk-x", "host": "::1"}, False),
+        ({"openai_api_key": "sk-x", "host": "0.0.0.0", "api_keys": "client"}, False),
+        ({"openai_api_key": "sk-x", "host": "0.0.0.0", "allow_open_relay": True}, False),
+        ({"host": "0.0.0.0"}, False),
+    ],
+)
+def test_open_relay_guard(overrides: dict[str, object], refused: bool) -> None:
+    problem = Settings(_env_file=None, **overrides).open_relay_problem()  # type: ignore[call-arg, arg-type]
+    assert (problem is not None) == refused
+    if problem:
+        assert "GATEWAY_API_KEYS" in problem
+        assert "sk-x" not in problem
+
+
+def test_user_header_key_is_the_asgi_form() -> None:
+    assert Settings(_env_file=None, user_header="X-End-User").user_header_key == b"x-end-user"  # type: ignore[call-arg]
