@@ -28,3 +28,8 @@ UPSTREAM_ERRORS = Counter(
 )
 UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream connection attempts retried.")
 CIRCUIT_OPEN = Gauge("gateway_upstream_circuit_open", "1 while the upstream circuit breaker is open.")
+BLOCK_EVENTS = Counter(
+    "gateway_block_events_total",
+    "Blocks and unblocks recorded by this process, by kind (block, unblock) and actor (policy, admin, expiry).",
+    ["kind", "actor"],
+)

@@ -22,6 +22,7 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from gateway.database import Database, is_dropped_connection, is_unavailable
+from gateway.metrics import BLOCK_EVENTS
 from gateway.settings import Settings
 from middleware.protocols import Block, StoreUnavailable, StrikeOutcome, Violation
 
@@ -474,6 +475,7 @@ class Store:
         event = await conn.fetchrow(_STATE_EVENT, user_id, kind, actor, reason, number, at)
         assert event is not None
         await conn.execute(_NOTIFY, user_id)
+        BLOCK_EVENTS.labels(kind, actor).inc()
         if self.policy.webhooks:
             payload = {
                 "id": f"evt_{event['id']}",
