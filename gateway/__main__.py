@@ -1,4 +1,4 @@
-"""`python -m gateway [serve|migrate]` (also the console script `chat-gateway`)."""
+"""`python -m gateway [serve|migrate|demo]` (also the console script `chat-gateway`)."""
 
 from __future__ import annotations
 
@@ -54,13 +54,18 @@ def _serve(settings: Settings) -> int:
 
 def _migrate(settings: Settings) -> int:
     from gateway.database import Database
+    from middleware.protocols import StoreUnavailable
 
     async def run() -> None:
         database = Database(settings)
         await database.open()
         await database.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"chat-gateway: cannot migrate: {exc}", file=sys.stderr)
+        return 1
     print("chat-gateway: schema is up to date")
     return 0
 
@@ -71,10 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "migrate"],
-        help="serve (default): run the gateway; migrate: apply the database schema and exit",
+        choices=["serve", "migrate", "demo"],
+        help=(
+            "serve (default): run the gateway; migrate: apply the database schema and exit; "
+            "demo: run a fake upstream, an embedded PostgreSQL and the gateway, and show a user get blocked"
+        ),
     )
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        # The demo builds its own settings: the environment and .env must not change its story.
+        from gateway.demo import run
+
+        return run()
     try:
         settings = load_settings()
         if args.command == "migrate":
