@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import warnings
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
