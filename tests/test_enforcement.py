@@ -339,3 +339,29 @@ def test_safety_identifier_is_added_and_a_clients_own_is_kept(
     assert json.loads(first.body)["safety_identifier"] == expected
     assert int(first.headers["Content-Length"]) == len(first.body)
     assert json.loads(second.body)["safety_identifier"] == "mine"
+
+
+def test_oversized_body_is_refused_before_moderation(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
+    with gateway(settings_factory(upstream_url=upstream.url, moderation="rules", max_body_bytes=2048)) as url:
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(sdk(url), "x" * 4096)
+    assert caught.value.status_code == 413
+    assert caught.value.code == "request_too_large"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert upstream.requests == []
+
+
+async def test_async_sdk_sees_the_same_answers(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
+    settings = settings_factory(upstream_url=upstream.url, moderation="rules", max_strikes=2)
+    with gateway(settings) as url:
+        client = openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="sk-client", default_headers={"X-User-ID": "carol"}, max_retries=0
+        )
+        messages: Any = [{"role": "user", "content": RULES_VIOLATION}]
+        with pytest.raises(openai.BadRequestError) as first:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        with pytest.raises(openai.PermissionDeniedError) as second:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True)
+        await client.close()
+    assert first.value.code == "content_policy_violation"
+    assert second.value.code == "user_blocked"
