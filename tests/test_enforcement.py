@@ -342,9 +342,9 @@ def test_safety_identifier_is_added_and_a_clients_own_is_kept(
 
 
 def test_oversized_body_is_refused_before_moderation(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
-    with gateway(settings_factory(upstream_url=upstream.url, moderation="rules", max_body_bytes=2048)) as url:
-        with pytest.raises(openai.APIStatusError) as caught:
-            chat(sdk(url), "x" * 4096)
+    settings = settings_factory(upstream_url=upstream.url, moderation="rules", max_body_bytes=2048)
+    with gateway(settings) as url, pytest.raises(openai.APIStatusError) as caught:
+        chat(sdk(url), "x" * 4096)
     assert caught.value.status_code == 413
     assert caught.value.code == "request_too_large"
     assert caught.value.response.headers["x-should-retry"] == "false"
