@@ -16,6 +16,7 @@ from starlette.routing import Mount, Route
 
 from gateway.admin import admin_app
 from gateway.auth import ClientKeyMiddleware
+from gateway.blockcache import BlockCache
 from gateway.context import RequestContextMiddleware
 from gateway.database import Database
 from gateway.logs import configure_logging
@@ -86,7 +87,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings)
     upstream = Upstream(settings)
     database = Database(settings)
-    store = Store(database, Policy.from_settings(settings))
+    block_cache = BlockCache(statement_cache=settings.db_statement_cache)
+    store = Store(database, Policy.from_settings(settings), block_cache)
     detectors = build_detectors(settings, upstream)
     sweeper = ExpirySweeper(store)
     webhooks = (
@@ -99,6 +101,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await database.open()
         try:
+            listen_url = settings.listen_database_url
+            await block_cache.start(listen_url.get_secret_value() if listen_url else database.dsn)
             await upstream.start()
             await sweeper.start()
             if webhooks:
@@ -116,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await webhooks.close()
             await sweeper.close()
             await upstream.close()
+            await block_cache.close()
             await database.close()
             log.info("gateway_stopped")
 

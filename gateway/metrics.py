@@ -33,3 +33,13 @@ BLOCK_EVENTS = Counter(
     "Blocks and unblocks recorded by this process, by kind (block, unblock) and actor (policy, admin, expiry).",
     ["kind", "actor"],
 )
+BLOCK_CHECKS = Counter(
+    "gateway_block_checks_total",
+    "Block checks, by what answered them: cache (the per-worker block cache) or database (a query).",
+    ["source"],
+)
+BLOCK_CACHE_VALID = Gauge(
+    "gateway_block_cache_valid",
+    "1 while the block cache is listening and loaded (checks answered from memory); 0: checks query the database.",
+)
+BLOCK_CACHE_USERS = Gauge("gateway_block_cache_users", "Blocked users held in this worker's block cache.")

@@ -21,8 +21,9 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from gateway.blockcache import CHANNEL, BlockCache
 from gateway.database import Database, is_dropped_connection, is_unavailable
-from gateway.metrics import BLOCK_EVENTS
+from gateway.metrics import BLOCK_CHECKS, BLOCK_EVENTS
 from gateway.settings import Settings
 from middleware.protocols import Block, StoreUnavailable, StrikeOutcome, Violation
 
@@ -31,7 +32,7 @@ log = structlog.get_logger(__name__)
 type Connection = PoolConnectionProxy[asyncpg.Record]
 Actor = Literal["policy", "admin", "expiry"]
 
-NOTIFY_CHANNEL = "gateway_blocks"
+NOTIFY_CHANNEL = CHANNEL
 ACQUIRE_TIMEOUT = 5.0
 MAX_PAGE = 1000
 # The longest timed block (about 100 years); PostgreSQL intervals overflow far beyond it.
@@ -235,11 +236,18 @@ def decode_cursor(cursor: str) -> str:
 
 
 class Store:
-    """The strike store on PostgreSQL; implements middleware.protocols.StrikeStore."""
+    """The strike store on PostgreSQL; implements middleware.protocols.StrikeStore.
 
-    def __init__(self, database: Database, policy: Policy) -> None:
+    With a `BlockCache`, `current_block` answers from memory while the cache is valid and asks
+    the database otherwise; every change of block state made here is written through to it.
+    """
+
+    def __init__(self, database: Database, policy: Policy, cache: BlockCache | None = None) -> None:
         self._db = database
         self.policy = policy
+        self.cache = cache
+        self._from_cache = BLOCK_CHECKS.labels("cache")
+        self._from_database = BLOCK_CHECKS.labels("database")
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -270,13 +278,34 @@ class Store:
     # -- the StrikeStore protocol --------------------------------------------------------------
 
     async def current_block(self, user_id: str) -> Block | None:
+        # A valid cache is an answer even when the pool is exhausted or closed: it is loaded,
+        # and its live listener connection proves the database reachable and the set current.
+        cache = self.cache
+        if cache is not None and cache.valid:
+            self._from_cache.inc()
+            return cache.get(user_id)
+        self._from_database.inc()
+        return await self._read(self._current_block_work(user_id))
+
+    @staticmethod
+    def _current_block_work(user_id: str) -> Callable[[Connection], Awaitable[Block | None]]:
         async def work(conn: Connection) -> Block | None:
             row = await conn.fetchrow(_CURRENT_BLOCK, user_id)
             return None if row is None else Block(until=row["until"])
 
-        return await self._read(work)
+        return work
+
+    def _learned(self, user_id: str, block: Block | None) -> None:
+        if self.cache is not None:
+            self.cache.learned(user_id, block)
 
     async def record_violation(self, user_id: str, violation: Violation) -> StrikeOutcome:
+        outcome = await self._record_violation(user_id, violation)
+        if outcome.block is not None:
+            self._learned(user_id, outcome.block)
+        return outcome
+
+    async def _record_violation(self, user_id: str, violation: Violation) -> StrikeOutcome:
         max_strikes = self.policy.max_strikes
         async with self._connection() as conn, conn.transaction():
             state = await conn.fetchrow(_LOCK_OR_CREATE, user_id)
@@ -334,6 +363,7 @@ class Store:
                 await self._expire(conn, user_id, state)
             block = await self._set_block(conn, user_id, duration, actor="admin", number=None, reason=reason)
             row = await conn.fetchrow(_STATUS, self.policy.strike_window_seconds, user_id)
+        self._learned(user_id, block)
         log.info("user blocked by admin", user_id=user_id, until=iso(block.until), permanent=block.permanent)
         assert row is not None
         return self._status(row)
@@ -351,6 +381,7 @@ class Store:
                 number = state["blocks"] if state["blocked_by"] == "policy" else None
                 await self._state_event(conn, user_id, "unblock", "admin", reason, number)
             row = await conn.fetchrow(_STATUS, self.policy.strike_window_seconds, user_id)
+        self._learned(user_id, None)
         if state["blocked"]:
             log.info("user unblocked by admin", user_id=user_id)
         assert row is not None
