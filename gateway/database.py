@@ -40,6 +40,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # A connection cut by a server shutdown in the middle of an operation: asyncpg's protocol
+    # state machine then refuses the next step ("cannot switch to state 15; another operation
+    # is in progress"). Seen in loadtests/soak.py while PostgreSQL stopped under load.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

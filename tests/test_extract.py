@@ -159,3 +159,56 @@ def test_finds_every_user_text_of_a_chat_body(messages: list[tuple[str, str, boo
     found = extract_user_input("chat", {"model": "m", "messages": body_messages})
     assert found.texts == tuple(dict.fromkeys(expected))
     assert not found.images
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["string", "user-message", "user-item", "roleless-message", "bare-part", "other"]),
+            user_texts,
+            st.booleans(),
+            st.sampled_from(["system", "developer", "assistant"]),
+        ),
+        max_size=12,
+    )
+)
+def test_finds_every_user_text_of_a_responses_body(items: list[tuple[str, str, bool, str]]) -> None:
+    body_items: list[Any] = []
+    expected: list[str] = []
+    for kind, text, as_parts, role in items:
+        content: Any = [{"type": "input_text", "text": text}] if as_parts else text
+        if kind == "string":
+            body_items.append(text)
+        elif kind == "user-message":
+            body_items.append({"role": "user", "content": content})
+        elif kind == "user-item":
+            body_items.append({"type": "message", "role": "user", "content": content})
+        elif kind == "roleless-message":
+            body_items.append({"type": "message", "content": content})
+        elif kind == "bare-part":
+            body_items.append({"type": "input_text", "text": text})
+        else:
+            body_items.append({"type": "message", "role": role, "content": content})
+            body_items.append({"type": "function_call_output", "call_id": "c", "output": text})
+            continue
+        expected.append(text)
+    found = extract_user_input("responses", {"model": "m", "instructions": "app words", "input": body_items})
+    assert found.texts == tuple(dict.fromkeys(expected))
+
+
+@given(st.one_of(user_texts, st.lists(st.one_of(user_texts, st.integers()), max_size=8)))
+def test_finds_every_text_of_a_completion_prompt(prompt: str | list[str | int]) -> None:
+    found = extract_user_input("completions", {"model": "m", "prompt": prompt})
+    texts = [prompt] if isinstance(prompt, str) else [item for item in prompt if isinstance(item, str)]
+    assert found.texts == tuple(dict.fromkeys(texts))
+
+
+@given(st.lists(st.tuples(user_texts, st.sampled_from(["text", "image"])), min_size=1, max_size=8), user_texts)
+def test_a_user_text_hidden_among_other_parts_is_found(parts: list[tuple[str, str]], hidden: str) -> None:
+    content: list[Any] = [
+        {"type": "text", "text": value} if kind == "text" else {"type": "image_url", "image_url": {"url": value}}
+        for value, kind in parts
+    ]
+    content.insert(len(content) // 2, {"type": "text", "text": hidden})
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": content}]
+    assert hidden in extract_user_input("chat", {"messages": messages}).texts
