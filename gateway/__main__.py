@@ -10,6 +10,7 @@ import sys
 
 import uvicorn
 
+from gateway.server import GatewayHttpProtocol
 from gateway.settings import Settings, SettingsError, load_settings
 
 
@@ -29,7 +30,7 @@ def _serve(settings: Settings) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol,
         lifespan="on",
         access_log=False,
         log_config=None,

@@ -242,12 +242,6 @@ def test_no_key_token_or_prompt_text_in_any_log_line(database_url: str) -> None:
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/__main__.py serves with uvicorn's httptools protocol, which sets no limit on the size "
-    "of request headers (h11 has h11_max_incomplete_event_size, httptools nothing): one client can make the "
-    "gateway buffer megabytes per connection",
-)
 def test_oversized_request_headers_are_refused(database_url: str) -> None:
     port = free_port()
     env = gateway_env(GATEWAY_PORT=str(port), GATEWAY_SHUTDOWN_GRACE="1", DATABASE_URL=database_url)
