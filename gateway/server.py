@@ -85,11 +85,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing():
             return
-        if self._awaiting_headers and (self.cycle is None or self.cycle.response_complete):
-            self._refuse(408, "Request Timeout", "request_timeout", "The request headers did not arrive in time.")
-        else:
+        if not self._awaiting_headers:
             # Mid-body: the app is reading it; closing the connection gives it http.disconnect.
             self.transport.close()
+        elif self.cycle is None or self.cycle.response_complete:
+            self._refuse(408, "Request Timeout", "request_timeout", "The request headers did not arrive in time.")
+        # else: a pipelined request waits behind a response still streaming; that one goes first.
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
         # Below the ASGI app, so no middleware adds the usual headers: an OpenAI-shaped body still.
