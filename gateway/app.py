@@ -25,6 +25,7 @@ from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Policy, Store
 from gateway.sweeper import ExpirySweeper
 from gateway.webhooks import WebhookSender
+from middleware.asgi import ASGIApp, Receive, Scope, Send
 from middleware.detectors import OpenAIDetector, RulesDetector
 from middleware.errors import GatewayError
 from middleware.moderation import ModerationMiddleware
@@ -76,9 +77,59 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error_response(GatewayError(exc.status_code, code, message, headers=dict(exc.headers or {})))
 
 
+def _internal_error() -> GatewayError:
+    return GatewayError(500, "internal_error", "The gateway failed on this request; see its logs.")
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled_error", path=request.url.path)
-    return _error_response(GatewayError(500, "internal_error", "The gateway failed on this request; see its logs."))
+    return _error_response(_internal_error())
+
+
+def _v1_error(scope: Scope, exc: Exception) -> GatewayError:
+    """The answer to an exception on the /v1 path, as the Starlette handlers above would give it."""
+    if isinstance(exc, GatewayError):
+        return exc
+    log.exception("unhandled_error", path=scope["path"])
+    return _internal_error()
+
+
+class _Mounted:
+    """What `Mount("/v1", app)` does to the scope before calling its app, without the routing."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app_root_path"] = scope.get("app_root_path", "")
+        scope["root_path"] = self.prefix
+        await self.app(scope, receive, send)
+
+
+class GatewayApp(Starlette):
+    """The Starlette app, with /v1 calls handed straight to their own middleware chain.
+
+    Starlette's error and exception middlewares, its router and the /v1 Mount each add a
+    coroutine per ASGI message and did nothing on this path that the chain does not do itself
+    (request context, client keys, moderation, proxy: the same middleware, in the same order).
+    Everything else, and /v1 under a server root_path, goes through Starlette as before.
+    """
+
+    v1: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        v1 = self.v1
+        if (
+            v1 is not None
+            and scope["type"] == "http"
+            and scope["path"].startswith("/v1/")
+            and not scope.get("root_path")
+        ):
+            scope["app"] = self
+            await v1(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -163,12 +214,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Mount("/admin", app=admin_app(store, settings)),
         Mount("/v1", app=upstream),
     ]
-    app = Starlette(
+    app = GatewayApp(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _server_error},
     )
+    # The same middleware as the Starlette stack's (the request context first), around the proxy.
+    v1: ASGIApp = _Mounted(upstream, "/v1")
+    for cls, args, kwargs in reversed(middleware[1:]):
+        v1 = cls(v1, *args, **kwargs)
+    app.v1 = RequestContextMiddleware(v1, on_error=_v1_error)
     app.state.settings = settings
     app.state.store = store
     app.state.upstream = upstream

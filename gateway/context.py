@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from gateway.logs import access_log
 from gateway.metrics import IN_FLIGHT, REQUEST_DURATION, REQUESTS
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from middleware.errors import GatewayError
 
 _REQUEST_ID = b"x-request-id"
 _UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
@@ -24,8 +27,13 @@ _V1_ROUTES = frozenset(
 )  # fmt: skip
 _ADMIN_ROUTES = frozenset({"users", "block", "unblock", "stats", "openapi.json"})
 
-access_log = structlog.get_logger("gateway.access")
 
+class _InFlight:
+    # A plain count read at scrape time: a Gauge's inc() and dec() take a lock each, per request.
+    count = 0
+
+
+IN_FLIGHT.set_function(lambda: _InFlight.count)
 # prometheus-client's labels() takes a lock and builds a key on every call; the label sets
 # are few and fixed (route_label is bounded), so keep the children.
 _counters: dict[tuple[str, str, int], Any] = {}
@@ -43,8 +51,21 @@ def _count(route: str, method: str, status: int, seconds: float) -> None:
     histogram.observe(seconds)
 
 
+_labels: dict[str, str] = {}
+_MAX_LABELS = 1024  # paths are the client's choice: remember only so many
+
+
 def route_label(path: str) -> str:
     """A bounded-cardinality name for the route of `path`."""
+    label = _labels.get(path)
+    if label is None:
+        label = _route_label(path)
+        if len(_labels) < _MAX_LABELS:
+            _labels[path] = label
+    return label
+
+
+def _route_label(path: str) -> str:
     if path.startswith("/v1/"):
         family = path[4:].split("/", 1)[0]
         if family == "chat" and path.startswith("/v1/chat/completions"):
@@ -75,10 +96,15 @@ class RequestContextMiddleware:
 
     A proxied answer keeps the upstream's own request id as X-Upstream-Request-ID, since the
     contract reserves X-Request-ID for the gateway's (the client's, when it sent one).
+
+    `on_error`, when given, turns an exception from the inner app into the error to answer
+    while nothing was sent yet (what Starlette's error middlewares do, for the app's /v1 path
+    that skips them); an exception that is not a GatewayError is raised again once answered.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_error: Callable[[Scope, Exception], GatewayError] | None = None) -> None:
         self.app = app
+        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,24 +133,32 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        IN_FLIGHT.inc()
+        _InFlight.count += 1
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if self.on_error is None or first_byte:
+                raise
+            await self.on_error(scope, exc).send(send_with_id)
+            if not isinstance(exc, GatewayError):
+                raise
         finally:
-            IN_FLIGHT.dec()
+            _InFlight.count -= 1
             duration = time.perf_counter() - started
-            route = route_label(path)
-            _count(route, scope["method"], status, first_byte or duration)
+            method = scope["method"]
+            _count(route_label(path), method, status, first_byte or duration)
             upstream = state.get("upstream_seconds")
-            access_log.info(
-                "request",
-                user_id=state.get("user_id"),
-                method=scope["method"],
-                path=path,
-                status=status,
-                duration_ms=round(duration * 1000, 2),
-                upstream_ms=None if upstream is None else round(upstream * 1000, 2),
-                decision=state.get("decision"),
+            access_log.write(
+                {
+                    "request_id": request_id,
+                    "user_id": state.get("user_id"),
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "upstream_ms": None if upstream is None else round(upstream * 1000, 2),
+                    "decision": state.get("decision"),
+                }
             )
             structlog.contextvars.unbind_contextvars("request_id")

@@ -417,16 +417,19 @@ async def _stream_once(session: aiohttp.ClientSession, url: str, user: str) -> l
     return delays
 
 
-async def _streams(url: str, streams: int, concurrency: int) -> list[float]:
-    delays: list[float] = []
+async def _streams(urls: dict[str, str], streams: int, concurrency: int) -> dict[str, list[float]]:
+    """Chunk delays per target, streams to every target interleaved: the client's own hiccups hit them alike."""
+    delays: dict[str, list[float]] = {target: [] for target in urls}
     semaphore = asyncio.Semaphore(concurrency)
+    targets = list(urls)
 
     async def one(index: int) -> None:
+        target = targets[index % len(targets)]
         async with semaphore:
-            delays.extend(await _stream_once(session, url, f"bench-stream-{index % 100}"))
+            delays[target].extend(await _stream_once(session, urls[target], f"bench-stream-{index % 100}"))
 
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one(index) for index in range(streams)))
+        await asyncio.gather(*(one(index) for index in range(streams * len(targets))))
     return delays
 
 
@@ -446,14 +449,12 @@ def stream(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
         _wait_pid(f"{mock_url}/", mock_pid, "sse mock")
         servers = _servers(stack, scratch, ("gateway",), upstream_url=mock_url)
         servers.urls["direct"] = mock_url
-        asyncio.run(_streams(servers.urls["gateway"], 10, 10))  # warm-up
+        asyncio.run(_streams({"gateway": servers.urls["gateway"]}, 10, 10))  # warm-up
         gained_p50: list[float] = []
         gained_p99: list[float] = []
         for repeat in range(args.repeat):
-            measured = {
-                target: asyncio.run(_streams(servers.urls[target], args.streams, args.concurrency))
-                for target in ("direct", "gateway")
-            }
+            urls = {target: servers.urls[target] for target in ("direct", "gateway")}
+            measured = asyncio.run(_streams(urls, args.streams, args.concurrency))
             row: dict[str, dict[str, float]] = {}
             for target, delays in measured.items():
                 row[target] = {f"p{q}": _percentile(delays, q) for q in (50, 95, 99)} | {"chunks": len(delays)}
@@ -527,7 +528,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="whole sweeps; medians are reported")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--streams", type=int, default=200, help="stream mode: streams per target and run")
-    parser.add_argument("--concurrency", type=int, default=20, help="stream mode: streams at once")
+    parser.add_argument("--concurrency", type=int, default=20, help="stream mode: streams at once, all targets")
     parser.add_argument("--chunks", type=int, default=20, help="stream mode: chunks per stream")
     parser.add_argument("--chunk-interval-ms", type=float, default=20)
     parser.add_argument("--soak-rate", type=int, default=1000)

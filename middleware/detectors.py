@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import re
 import tomllib
 from collections import OrderedDict
@@ -90,15 +91,139 @@ class RulesDetector:
 
     def __init__(self, rules_file: Path) -> None:
         self.rules = load_rules(rules_file)
+        self._any = any_rule_pattern(self.rules)
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
         for text in user_input.texts:
+            # One scan for the common case, a clean text; the rules in order only when one matched.
+            if self._any is not None and not self._any.search(text):
+                continue
             for rule in self.rules:
                 if rule.pattern.search(text):
                     return Verdict(
                         detector=self.name, categories=(rule.category,), text_sha256=sha256_hex(text), rule=rule.name
                     )
         return None
+
+
+def any_rule_pattern(rules: Sequence[Rule]) -> re.Pattern[str] | None:
+    """One pattern that matches a text exactly when some rule's pattern does, or None.
+
+    Python's `re` tries an alternation's branches one by one at every position, so the
+    alternation alone saves little over a search per rule (8 µs against 9.5 µs for the bundled
+    rules on a 100-character text). A lookahead for the characters a match can start with lets
+    it skip every other position quickly (3 µs). It only pre-filters: which rule matched, and
+    the first one, is still decided rule by rule. None when a pattern cannot be combined
+    (backreferences, named groups, global inline flags) or the combination fails to compile.
+    """
+    parts: list[str] = []
+    starts: set[str] | None = set()
+    for rule in rules:
+        tree = _parse(rule.pattern)
+        if tree is None or rule.pattern.groupindex or _has_group_reference(tree):
+            return None
+        first = _first_chars(tree)
+        starts = None if first is None or starts is None else starts | first
+        parts.append(f"(?:{rule.pattern.pattern})")
+    prefix = "" if not starts else "(?=[" + "".join(re.escape(char) for char in sorted(starts)) + "])"
+    try:
+        return re.compile(prefix + "(?:" + "|".join(parts) + ")", re.IGNORECASE)
+    except re.error:
+        return None
+
+
+# The standard library's own regular expression parser: private, hence looked up at run time
+# and used only when it answers as expected; any surprise means "no combined pattern".
+try:
+    _sre: Any = importlib.import_module("re._parser")
+    _ops: Any = importlib.import_module("re._constants")
+except ImportError:  # pragma: no cover (Python without re._parser)
+    _sre = _ops = None
+_MAX_FIRST_CHARS = 256
+
+
+def _parse(pattern: re.Pattern[str]) -> Any:
+    if _sre is None:
+        return None  # pragma: no cover
+    try:
+        return _sre.parse(pattern.pattern, pattern.flags)
+    except Exception:  # pragma: no cover (it compiled once already)
+        return None
+
+
+def _has_group_reference(tree: Any) -> bool:
+    # Group numbers shift once a pattern sits inside the alternation; global flags would
+    # apply to every pattern (and fail to compile anywhere but at the start).
+    if tree.state.flags & ~(re.IGNORECASE | re.UNICODE):
+        return True
+    refs: tuple[Any, ...] = (_ops.GROUPREF, _ops.GROUPREF_EXISTS, _ops.GROUPREF_IGNORE)
+    refs += (_ops.GROUPREF_LOC_IGNORE, _ops.GROUPREF_UNI_IGNORE)
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tuple | list) or type(node).__name__ == "SubPattern":
+            items = list(node)
+            if len(items) == 2 and any(items[0] is ref for ref in refs):
+                return True
+            stack.extend(items)
+    return False
+
+
+def _first_chars(items: Any) -> set[str] | None:
+    """Every character a match of `items` can start with (a superset), or None if unknown or empty-able."""
+    chars: set[str] = set()
+    for op, av in items:
+        if op is _ops.AT:
+            continue  # zero width: \b, ^, $
+        if op is _ops.LITERAL:
+            return chars | {chr(av)}
+        if op is _ops.IN:
+            found = _class_chars(av)
+            return None if found is None else chars | found
+        if op is _ops.SUBPATTERN:
+            _group, add_flags, del_flags, sub = av
+            if add_flags or del_flags:
+                return None
+            found = _first_chars(sub)
+            if found is None:
+                return None
+            chars |= found
+            if sub.getwidth()[0] > 0:
+                return chars
+            continue
+        if op is _ops.BRANCH:
+            _unused, branches = av
+            for branch in branches:
+                found = _first_chars(branch)
+                if found is None:
+                    return None
+                chars |= found
+            if min(branch.getwidth()[0] for branch in branches) > 0:
+                return chars
+            continue
+        if op in (_ops.MAX_REPEAT, _ops.MIN_REPEAT, _ops.POSSESSIVE_REPEAT):
+            low, _high, sub = av
+            found = _first_chars(sub)
+            if found is None:
+                return None
+            chars |= found
+            if low > 0 and sub.getwidth()[0] > 0:
+                return chars
+            continue
+        return None  # any other construct: don't guess
+    return None  # the whole sequence can match empty text
+
+
+def _class_chars(items: Any) -> set[str] | None:
+    chars: set[str] = set()
+    for op, av in items:
+        if op is _ops.LITERAL:
+            chars.add(chr(av))
+        elif op is _ops.RANGE and av[1] - av[0] < _MAX_FIRST_CHARS:
+            chars.update(chr(code) for code in range(av[0], av[1] + 1))
+        else:
+            return None  # categories (\d is every Unicode digit), negations: don't guess
+    return chars
 
 
 class VerdictCache:

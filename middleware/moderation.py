@@ -114,8 +114,14 @@ class ModerationMiddleware:
         decision = await self._check_block(user_id)
 
         # Match the route as an upstream would see it: a trailing slash or `//` must not skip moderation.
-        route_path = posixpath.normpath(_SLASHES.sub("/", path)).lower()
-        route = self.routes.get(route_path) if scope["method"] == "POST" else None
+        # A path that is already a route's own spelling (the usual case) needs no normalising.
+        route_path = path
+        route = None
+        if scope["method"] == "POST":
+            route = self.routes.get(path)
+            if route is None:
+                route_path = posixpath.normpath(_SLASHES.sub("/", path)).lower()
+                route = self.routes.get(route_path)
         if route is None:
             note["decision"] = decision
             await self.app(scope, receive, send)
@@ -182,7 +188,12 @@ class ModerationMiddleware:
         if (
             not user_id
             or len(user_id) > MAX_USER_ID_LENGTH
-            or any(unicodedata.category(char) in _FORBIDDEN_IN_USER_ID for char in user_id)
+            # In ASCII the forbidden characters are exactly the unprintable ones: one C call.
+            or (
+                not user_id.isprintable()
+                if user_id.isascii()
+                else any(unicodedata.category(char) in _FORBIDDEN_IN_USER_ID for char in user_id)
+            )
         ):
             raise _Refused(
                 "invalid",
