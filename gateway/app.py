@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -132,6 +133,14 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+def _mount(path: str, app: ASGIApp) -> Mount:
+    mount = Mount(path, app=app)
+    # Starlette's pattern stops at a newline: a percent-encoded one in a path (an admin user id)
+    # must still reach the app below, which answers it (400 invalid_user_id), not the router's 404.
+    mount.path_regex = re.compile(mount.path_regex.pattern, re.DOTALL)
+    return mount
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app factory (`uvicorn --factory gateway.app:create_app`)."""
     settings = settings or load_settings()
@@ -211,8 +220,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
-        Mount("/admin", app=admin_app(store, settings)),
-        Mount("/v1", app=upstream),
+        _mount("/admin", admin_app(store, settings)),
+        _mount("/v1", upstream),
     ]
     app = GatewayApp(
         routes=routes,

@@ -10,8 +10,17 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from middleware.detectors import DEFAULT_RULES_FILE, OpenAIDetector, RulesDetector, VerdictCache
+from middleware.detectors import (
+    DEFAULT_RULES_FILE,
+    OpenAIDetector,
+    RulesDetector,
+    VerdictCache,
+    any_rule_pattern,
+    load_rules,
+)
 from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
 
 
@@ -333,3 +342,20 @@ async def test_connection_refused_is_a_failure(post: JsonPost) -> None:
 async def test_empty_input_calls_nothing(post: JsonPost, moderation: MockModeration) -> None:
     assert await detector(post, moderation).check(UserInput(), None) is None
     assert moderation.calls == []
+
+
+_BUNDLED = load_rules(DEFAULT_RULES_FILE)
+_PREFILTER = any_rule_pattern(_BUNDLED)
+# Fragments of the bundled rules' phrases, so generated texts often come close to a match.
+_WORDS = st.sampled_from(
+    ["ignore", "all", "previous", "instructions", "how", "to", "build", "a", "bomb", "kill", "myself",
+     "reveal", "your", "system prompt", "4111", "1111", "-", " ", "\n", "IGNORE", "Previous", "é", "x"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(), st.lists(_WORDS, max_size=12).map(" ".join), st.lists(_WORDS, max_size=12).map("".join)))
+def test_the_rules_prefilter_agrees_with_the_rules(text: str) -> None:
+    assert _PREFILTER is not None
+    by_rule = any(rule.pattern.search(text) for rule in _BUNDLED)
+    assert (_PREFILTER.search(text) is not None) == by_rule
