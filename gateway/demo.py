@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import uvicorn
 from aiohttp import web
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway import fake_upstream
-from gateway.settings import Settings
+from gateway.settings import settings_from
 
 if TYPE_CHECKING:
     import openai
@@ -48,21 +47,6 @@ SHUTDOWN_TIMEOUT = 30.0
 
 class DemoFailed(Exception):
     """The gateway did not answer the way the story expects; the message says what happened."""
-
-
-class _DemoSettings(Settings):
-    """Settings from arguments only: a GATEWAY_* variable or a `.env` must not change the story."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
 
 
 def _say(text: str = "") -> None:
@@ -104,7 +88,7 @@ class DemoServers:
             "log_format": "console",
             "shutdown_grace": 5,
         }
-        self.settings = _DemoSettings(**overrides)
+        self.settings = settings_from(**overrides)
         self.traffic = fake_upstream.Traffic()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from middleware.detectors import DEFAULT_RULES_FILE
 
@@ -181,7 +181,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _variable(field: str) -> str:
+class _ArgumentsOnly(Settings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def settings_from(**values: Any) -> Settings:
+    """Settings from these values only: no environment variable, no `.env` (tests, the demo)."""
+    return _ArgumentsOnly(**values)
+
+
+def variable_name(field: str) -> str:
+    """The environment variable of a Settings field."""
     if field in ("openai_api_key", "database_url"):
         return field.upper()
     return f"GATEWAY_{field.upper()}"
@@ -204,4 +223,4 @@ def load_settings(**overrides: Any) -> Settings:
         shown = "" if "secret" in field or "key" in field or "token" in field or "url" in field else f" (got {raw!r})"
         if isinstance(raw, dict | list | tuple | frozenset) or repr(raw) in message:
             shown = ""
-        raise SettingsError(f"{_variable(field)}: {message}{shown}") from None
+        raise SettingsError(f"{variable_name(field)}: {message}{shown}") from None

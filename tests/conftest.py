@@ -22,10 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway.database import Database, migrate
-from gateway.settings import Settings
+from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
 
 SettingsFactory = Callable[..., Settings]
@@ -135,21 +134,6 @@ async def empty_database_url(pg_server_dsn: str) -> AsyncIterator[str]:
         yield url
 
 
-class _IsolatedSettings(Settings):
-    """Settings that read only their arguments: no environment variable, no .env file."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     """A GATEWAY_DATA_DIR an embedded PostgreSQL can use (see outside_pytest_tmp)."""
@@ -174,7 +158,7 @@ def settings_factory(database_url: str, data_dir: Path) -> SettingsFactory:
             "log_format": "console",
         }
         values.update(overrides)
-        return _IsolatedSettings(**values)
+        return settings_from(**values)
 
     return make
 

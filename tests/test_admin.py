@@ -9,13 +9,12 @@ from urllib.parse import quote
 
 import httpx2
 import pytest
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from gateway.admin import OPENAPI, AdminAPI, AuthThrottle, admin_app, user_id_problem
 from gateway.database import Database
-from gateway.settings import Settings
+from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
 from middleware.asgi import ASGIApp, Message, Scope
 from middleware.protocols import Verdict, Violation
@@ -48,26 +47,6 @@ def client_for(
     return httpx2.AsyncClient(transport=transport, base_url="http://gateway", headers=AUTH if auth else {})
 
 
-class OfflineSettings(Settings):
-    """Settings from arguments only (no environment, no .env) and no database to create."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
-def offline_settings(**values: Any) -> Settings:
-    # kwargs, as settings fields go by name (mypy sees no pydantic plugin here)
-    return OfflineSettings(**values)
-
-
 def closed_store(settings: Settings) -> Store:
     # A Database that was never opened: every store call raises StoreUnavailable.
     return Store(Database(settings), Policy.from_settings(settings))
@@ -76,7 +55,7 @@ def closed_store(settings: Settings) -> Store:
 @pytest.fixture
 def admin_settings() -> Settings:
     # Tests that never reach the database need none: no database per test keeps them fast.
-    return offline_settings(admin_token=TOKEN, database_url="postgresql://127.0.0.1:9/none")
+    return settings_from(admin_token=TOKEN, database_url="postgresql://127.0.0.1:9/none")
 
 
 @pytest.fixture
@@ -169,7 +148,7 @@ def seconds_until(iso: str) -> float:
 
 @pytest.mark.parametrize("token", [None, ""])
 async def test_every_call_is_503_while_the_admin_token_is_unset(token: str | None) -> None:
-    settings = offline_settings(admin_token=token)
+    settings = settings_from(admin_token=token)
     async with client_for(admin_app(closed_store(settings), settings)) as client:
         for method, url in [
             ("GET", "/admin/users/u"),

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, load_settings, variable_name
 from loadtests.mock_upstream import MockConfig, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +38,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def _variable(field: str) -> str:
-    return field.upper() if field in ("openai_api_key", "database_url") else f"GATEWAY_{field.upper()}"
-
-
-SETTINGS = {_variable(field): field for field in Settings.model_fields}
+SETTINGS = {variable_name(field): field for field in Settings.model_fields}
 
 
 def _compose() -> dict[str, Any]:

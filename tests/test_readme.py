@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway.__main__ import main
-from gateway.settings import Settings
+from gateway.settings import Settings, settings_from, variable_name
 from middleware.detectors import DEFAULT_RULES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,32 +20,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 NOT_THE_GATEWAY = {ROOT / "gateway" / "demo.py", ROOT / "gateway" / "fake_upstream.py"}
 
 
-class _ArgumentsOnly(Settings):
-    """Settings from arguments only, so the machine's GATEWAY_* variables and .env don't count."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
-def _settings(**values: Any) -> Settings:
-    return _ArgumentsOnly(**values)
-
-
-def _variable(field: str) -> str:
-    if field in ("openai_api_key", "database_url"):
-        return field.upper()
-    return f"GATEWAY_{field.upper()}"
-
-
-FIELDS = {_variable(field): field for field in Settings.model_fields}
+FIELDS = {variable_name(field): field for field in Settings.model_fields}
 
 
 def _tables(header: str) -> list[list[list[str]]]:
@@ -102,7 +76,7 @@ def _default_problem(variable: str, text: str) -> str | None:
         ok = default == DEFAULT_RULES_FILE and DEFAULT_RULES_FILE.is_file()
         return None if ok else f"is {default!r}, not the bundled {DEFAULT_RULES_FILE}"
     if text == "the upstream URL":
-        settings = _settings()
+        settings = settings_from()
         return None if default is None and settings.moderation_base_url == settings.upstream_url else f"is {default!r}"
     match = re.fullmatch(r"`([^`]*)`", text)
     if match is None:
@@ -111,7 +85,7 @@ def _default_problem(variable: str, text: str) -> str | None:
     if value in FIELDS:  # another variable's value: the setting falls back to it when unset
         return None if default is None else f"is {default!r}, not a fallback to {value}"
     # The README's value read the way the variable would be, e.g. "86400" -> 86400.0, "false" -> False.
-    parsed = getattr(_settings(**{field: value}), field)
+    parsed = getattr(settings_from(**{field: value}), field)
     return None if parsed == default else f"is {default!r}, the README says {value!r}"
 
 
