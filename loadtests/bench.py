@@ -27,7 +27,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,12 +37,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
+from loadtests.harness import ROOT, child_env, free_port, scratch_database
+
 HERE = Path(__file__).resolve().parent
 K6 = ROOT / ".venv" / "bin" / "k6"
 PROXY_CORE, LOAD_CORE = "0", "1"
@@ -86,23 +84,6 @@ class Servers:
     stream_urls: dict[str, str] = field(default_factory=dict)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return {**env, **extra}
-
-
 def _wait(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -121,7 +102,7 @@ def _wait(url: str, process: subprocess.Popen[bytes], name: str, timeout: float 
 @contextmanager
 def _process(command: list[str], log: Path, core: str, env: dict[str, str] | None = None) -> Iterator[int]:
     with log.open("wb") as out:
-        process = subprocess.Popen(["taskset", "-c", core, *command], env=env or _env(), stdout=out, stderr=out)
+        process = subprocess.Popen(["taskset", "-c", core, *command], env=env or child_env(), stdout=out, stderr=out)
         try:
             yield process.pid
         finally:
@@ -145,7 +126,7 @@ def _nginx() -> str:
 
 @contextmanager
 def _mock(scratch: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
+    port = free_port()
     conf = scratch / "nginx.conf"
     body = COMPLETION.replace("'", "\\'")
     conf.write_text((HERE / "bench_nginx.conf").read_text().format(dir=scratch, port=port, body=body))
@@ -160,29 +141,8 @@ def _mock(scratch: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             process.wait(10)
 
 
-@contextmanager
-def _scratch_database(admin_url: str | None) -> Iterator[str | None]:
-    if not admin_url:
-        yield None
-        return
-    name = f"bench_{secrets.token_hex(4)}"
-
-    async def run(statement: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def _gateway_env(port: int, upstream: str, scratch: Path, database_url: str | None, admin: str) -> dict[str, str]:
-    return _env(
+    return child_env(
         GATEWAY_HOST="127.0.0.1",
         GATEWAY_PORT=str(port),
         GATEWAY_UPSTREAM_URL=f"{upstream}/v1",
@@ -213,13 +173,13 @@ def _servers(stack: ExitStack, scratch: Path, targets: tuple[str, ...], upstream
     servers = Servers(urls={"direct": upstream}, pids={})
     _wait(f"{mock_url}/", mock, "nginx")
     if "floor" in targets:
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "loadtests.floor_proxy", "--port", str(port), "--upstream", upstream]
         servers.pids["floor"] = stack.enter_context(_process(command, scratch / "floor.log", PROXY_CORE))
         servers.urls["floor"] = f"http://127.0.0.1:{port}"
     if "gateway" in targets:
-        database_url = stack.enter_context(_scratch_database(os.environ.get("TEST_DATABASE_URL")))
-        port = _free_port()
+        database_url = stack.enter_context(scratch_database(os.environ.get("TEST_DATABASE_URL"), "bench"))
+        port = free_port()
         admin = secrets.token_urlsafe(16)
         env = _gateway_env(port, upstream, scratch, database_url, admin)
         command = [sys.executable, "-m", "gateway"]
@@ -272,7 +232,7 @@ def _rss_mb(pid: int) -> float:
 
 def _k6(url: str, rate: int, seconds: int, scratch: Path) -> Step:
     out = scratch / f"k6-{secrets.token_hex(4)}.json"
-    env = _env(TARGET=url, RATE=str(rate), DURATION=f"{seconds}s", OUT=str(out), K6_NO_USAGE_REPORT="true")
+    env = child_env(TARGET=url, RATE=str(rate), DURATION=f"{seconds}s", OUT=str(out), K6_NO_USAGE_REPORT="true")
     command = ["taskset", "-c", LOAD_CORE, str(K6), "run", "--quiet", "--no-color", str(HERE / "bench_k6.js")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120, check=False)
     if not out.exists():
@@ -439,7 +399,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def stream(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
-    port = _free_port()
+    port = free_port()
     mock_cmd = [sys.executable, "-m", "loadtests.sse_mock", "--port", str(port), "--chunks", str(args.chunks)]
     mock_cmd += ["--interval-ms", str(args.chunk_interval_ms)]
     results: dict[str, object] = {"mode": "stream", "runs": []}
@@ -487,7 +447,7 @@ def soak(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
         seconds = max(1, args.soak_requests // args.soak_rate)
         samples: list[tuple[float, float]] = []
         out = scratch / "k6-soak.json"
-        env = _env(
+        env = child_env(
             TARGET=servers.urls["gateway"],
             RATE=str(args.soak_rate),
             DURATION=f"{seconds}s",

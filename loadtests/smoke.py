@@ -11,49 +11,25 @@ It also checks that the gateway stops with exit code 0 on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
+from loadtests.harness import ROOT, child_env, free_port, scratch_database
 
-ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_REQUESTS = ("chat", "chat (stream)", "violation")
 
 
 class SmokeFailed(Exception):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    # Nothing from the caller's gateway configuration (or a real OpenAI key) leaks into the run.
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return {**env, **extra}
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout: float) -> None:
@@ -82,28 +58,6 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> int:
         raise SmokeFailed(f"process {process.pid} ignored SIGTERM for {timeout:.0f} s") from None
 
 
-@contextmanager
-def _scratch_database(admin_url: str | None) -> Iterator[str | None]:
-    """A fresh database on the TEST_DATABASE_URL server, dropped on exit; None means embedded."""
-    if not admin_url:
-        yield None
-        return
-    name = f"loadtest_smoke_{secrets.token_hex(4)}"
-
-    async def run(statement: str) -> None:
-        connection = await asyncpg.connect(admin_url)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def _read_stats(path: Path) -> dict[str, tuple[int, int]]:
     with path.open(newline="") as handle:
         return {row["Name"]: (int(row["Request Count"]), int(row["Failure Count"])) for row in csv.DictReader(handle)}
@@ -120,18 +74,18 @@ def run(args: argparse.Namespace) -> None:
     prefix = results / "smoke"
     for old in results.glob("smoke_*.csv"):
         old.unlink()
-    mock_port, gateway_port = _free_port(), _free_port()
+    mock_port, gateway_port = free_port(), free_port()
     admin_token = secrets.token_urlsafe(24)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
 
     with (
         tempfile.TemporaryDirectory(prefix="gateway-smoke-") as scratch,
-        _scratch_database(os.environ.get("TEST_DATABASE_URL")) as database_url,
+        scratch_database(os.environ.get("TEST_DATABASE_URL"), "loadtest_smoke") as database_url,
     ):
         mock_log, gateway_log = results / "mock.log", results / "gateway.log"
         mock_cmd = [sys.executable, "-m", "loadtests.mock_upstream", "--host", "127.0.0.1", "--port", str(mock_port)]
         mock_cmd += ["--latency-ms", str(args.mock_latency_ms), "--chunks", "5", "--chunk-delay-ms", "5"]
-        gateway_env = _child_env(
+        gateway_env = child_env(
             GATEWAY_HOST="127.0.0.1",
             GATEWAY_PORT=str(gateway_port),
             GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{mock_port}/v1",
@@ -144,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
         )
         with mock_log.open("wb") as mock_out, gateway_log.open("wb") as gateway_out:
             # cwd=scratch: the gateway must not pick up a developer's .env from the project root.
-            mock = subprocess.Popen(mock_cmd, cwd=scratch, env=_child_env(), stdout=mock_out, stderr=mock_out)
+            mock = subprocess.Popen(mock_cmd, cwd=scratch, env=child_env(), stdout=mock_out, stderr=mock_out)
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "gateway"], cwd=scratch, env=gateway_env, stdout=gateway_out, stderr=gateway_out
             )
@@ -158,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
                 locust_cmd += ["--headless", "--host", gateway_url, "--users", str(args.users)]
                 locust_cmd += ["--spawn-rate", str(args.spawn_rate), "--run-time", f"{args.seconds}s"]
                 locust_cmd += ["--stop-timeout", "5", "--csv", str(prefix), "--only-summary"]
-                locust_env = _child_env(GATEWAY_ADMIN_TOKEN=admin_token)
+                locust_env = child_env(GATEWAY_ADMIN_TOKEN=admin_token)
                 locust = subprocess.run(locust_cmd, env=locust_env, check=False, timeout=args.seconds + 120)
             finally:
                 try:

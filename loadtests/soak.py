@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,9 +47,9 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from loadtests.harness import child_env, free_port
 from loadtests.mock_upstream import MockConfig, create_app
 
-ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "soak-admin-token"
 INJECTED = "soak_injected_failure"
 # Answers the gateway may give a call during or just after the outage.
@@ -248,23 +247,6 @@ class Run:
 
 
 # --- processes and the database -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return {**env, **extra}
 
 
 def rss_mb(pid: int) -> float:

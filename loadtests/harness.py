@@ -1,0 +1,57 @@
+"""What the load scripts (smoke, soak, bench) share to run the gateway and its peers as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: nothing of the caller's gateway configuration (or a
+    real OpenAI key) leaks into the run, and the project is importable."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+@contextmanager
+def scratch_database(admin_url: str | None, prefix: str) -> Iterator[str | None]:
+    """A fresh database on the server of `admin_url`, dropped on exit; None (embedded) without one."""
+    if not admin_url:
+        yield None
+        return
+    name = f"{prefix}_{secrets.token_hex(4)}"
+
+    async def run(statement: str) -> None:
+        connection = await asyncpg.connect(admin_url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
