@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,27 +16,14 @@ import httpx2
 import pytest
 
 from tests.conftest import run_sync
+from tests.servers import free_port, gateway_env
 from tests.upstream import MockUpstream
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _environment(**variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k not in ("OPENAI_API_KEY",)}
-    env.pop("DATABASE_URL", None)
-    env.update(variables)
-    return env
 
 
 def _run(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *variables.pop("ARGS", "").split()],
-        env=_environment(**variables),
+        env=gateway_env(**variables),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -83,7 +68,7 @@ def test_migrate_applies_the_schema_and_exits(tmp_path: Path, empty_database_url
 
 
 def test_migrate_says_so_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    result = _run(tmp_path, ARGS="migrate", DATABASE_URL=f"postgresql://nobody:hunter2@127.0.0.1:{_free_port()}/x")
+    result = _run(tmp_path, ARGS="migrate", DATABASE_URL=f"postgresql://nobody:hunter2@127.0.0.1:{free_port()}/x")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -102,10 +87,10 @@ def slow_upstream() -> Iterator[MockUpstream]:
 def test_sigterm_lets_a_stream_in_flight_finish_then_exits_0(
     tmp_path: Path, database_url: str, slow_upstream: MockUpstream
 ) -> None:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway"],
-        env=_environment(
+        env=gateway_env(
             DATABASE_URL=database_url,
             GATEWAY_PORT=str(port),
             GATEWAY_UPSTREAM_URL=slow_upstream.url,

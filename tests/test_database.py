@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,15 +15,9 @@ from gateway.database import Database, migrate, redact
 from gateway.settings import Settings
 from gateway.store import Policy, Store
 from middleware.protocols import Block, StoreUnavailable
+from tests.servers import free_port
 
 SettingsFactory = Callable[..., Settings]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def tables(dsn: str) -> set[str]:

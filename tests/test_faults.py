@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY
 from gateway.app import create_app
 from gateway.database import is_dropped_connection, is_unavailable
 from gateway.settings import Settings
-from tests.servers import run_app
+from tests.servers import free_port, run_app
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
@@ -200,13 +200,6 @@ def test_postgresql_restart_under_traffic_loses_nothing_and_heals(
 
 
 # --- upstream faults ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.faults

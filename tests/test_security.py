@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import os
 import signal
 import socket
 import subprocess
@@ -22,11 +21,10 @@ from gateway.admin import admin_app
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.servers import run_app
+from tests.servers import free_port, gateway_env, run_app
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- the admin token ------------------------------------------------------------------------------
@@ -78,24 +76,6 @@ def test_repeated_admin_auth_failures_are_slowed_down_end_to_end(settings_factor
 
 
 # --- the gateway as a process ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def gateway_env(**values: str) -> dict[str, str]:
-    """The caller's environment without any gateway setting or real key, plus `values`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    return {**env, **values}
 
 
 @contextmanager
