@@ -24,7 +24,22 @@ from aiohttp import web
 MODEL = "gpt-4o-mini"
 # word -> the moderation category it flags; the demo's violations use these words
 FLAGGED_WORDS = {"bomb": "illicit/violent", "hurt": "violence"}
-CATEGORIES = ("harassment", "hate", "illicit", "illicit/violent", "self-harm", "sexual", "violence")
+# The categories of OpenAI's omni-moderation-latest, as its answers list them.
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
 
 
 @dataclass
@@ -116,7 +131,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _texts(value: Any) -> list[list[str]]:
+def moderation_inputs(value: Any) -> list[list[str]]:
     """The moderation input as one list of texts per result, the way the API counts results."""
     if isinstance(value, str):
         return [[value]]
@@ -139,13 +154,13 @@ async def moderations(request: web.Request) -> web.StreamResponse:
     if isinstance(body, web.Response):
         return body
     results = []
-    for texts in _texts(body.get("input")):
+    for texts in moderation_inputs(body.get("input")):
         flagged = {category for text in texts if (category := moderate(text)) is not None}
         results.append(
             {
                 "flagged": bool(flagged),
-                "categories": {name: name in flagged for name in CATEGORIES},
-                "category_scores": {name: 0.98 if name in flagged else 0.001 for name in CATEGORIES},
+                "categories": {name: name in flagged for name in MODERATION_CATEGORIES},
+                "category_scores": {name: 0.98 if name in flagged else 0.001 for name in MODERATION_CATEGORIES},
             }
         )
     answer = {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": "omni-moderation-latest", "results": results}

@@ -21,23 +21,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.fake_upstream import MODERATION_CATEGORIES, moderation_inputs
+
 TRIGGER = "forbidden"
 REPLY = "Hello from the mock upstream."
-CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/intent",
-    "self-harm/instructions",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
 FLAGGED_CATEGORY = "violence"
 MODELS = ("gpt-4o-mini", "gpt-4o", "omni-moderation-latest")
 
@@ -191,17 +178,6 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return await _sse(request, events, config)
 
 
-def _texts(value: Any) -> list[list[str]]:
-    """The moderation input as one list of texts per result, the way the API counts results."""
-    if isinstance(value, str):
-        return [[value]]
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return [[item] for item in value]
-    if isinstance(value, list):  # multimodal parts: one result for the whole list
-        return [[str(part.get("text", "")) for part in value if isinstance(part, dict) and part.get("type") == "text"]]
-    return [[]]
-
-
 async def moderations(request: web.Request) -> web.StreamResponse:
     body = await _read_object(request)
     if isinstance(body, web.Response):
@@ -209,14 +185,14 @@ async def moderations(request: web.Request) -> web.StreamResponse:
     config = await _pause(request)
     trigger = config.trigger.lower()
     results = []
-    for texts in _texts(body.get("input")):
+    for texts in moderation_inputs(body.get("input")):
         flagged = any(trigger in text.lower() for text in texts)
         results.append(
             {
                 "flagged": flagged,
-                "categories": {name: flagged and name == FLAGGED_CATEGORY for name in CATEGORIES},
+                "categories": {name: flagged and name == FLAGGED_CATEGORY for name in MODERATION_CATEGORIES},
                 "category_scores": {
-                    name: 0.99 if flagged and name == FLAGGED_CATEGORY else 0.0001 for name in CATEGORIES
+                    name: 0.99 if flagged and name == FLAGGED_CATEGORY else 0.0001 for name in MODERATION_CATEGORIES
                 },
             }
         )

@@ -58,21 +58,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-MODERATION_CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/intent",
-    "self-harm/instructions",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
+from gateway.fake_upstream import MODERATION_CATEGORIES
 
 
 @dataclass(frozen=True)
