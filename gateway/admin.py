@@ -12,7 +12,6 @@ import hmac
 import math
 import re
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,9 +30,9 @@ from gateway.settings import Settings
 from gateway.store import Store
 from middleware.asgi import Receive, Scope, Send, header
 from middleware.errors import GatewayError
+from middleware.moderation import MAX_USER_ID_LENGTH, user_id_problem
 from middleware.protocols import StoreUnavailable
 
-MAX_USER_ID = 256
 MAX_REASON = 1000
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -41,7 +40,7 @@ MAX_SECONDS = 100 * 365 * 86400  # longer than this is what `permanent` is for
 MAX_BODY_BYTES = 64 * 1024
 
 OPENAPI = build_document(
-    max_user_id=MAX_USER_ID,
+    max_user_id=MAX_USER_ID_LENGTH,
     max_reason=MAX_REASON,
     max_limit=MAX_LIMIT,
     default_limit=DEFAULT_LIMIT,
@@ -53,17 +52,6 @@ _LIMIT = re.compile(r"[0-9]{1,7}")
 log = structlog.get_logger("gateway.admin")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def user_id_problem(user_id: str) -> str | None:
-    """Why this is not a valid user id (the rules of the user header), or None if it is."""
-    if not user_id:
-        return "is empty"
-    if len(user_id) > MAX_USER_ID:
-        return f"is longer than {MAX_USER_ID} characters"
-    if any(unicodedata.category(char) == "Cc" for char in user_id):
-        return "holds control characters"
-    return None
 
 
 class AuthThrottle:
@@ -314,7 +302,7 @@ def _user_id(request: Request) -> str:
         raise GatewayError(
             400,
             "invalid_user_id",
-            f"The user id {problem}: expected 1 to {MAX_USER_ID} characters without control characters.",
+            f"The user id {problem}: expected 1 to {MAX_USER_ID_LENGTH} characters without control characters.",
             param="user_id",
         )
     return user_id

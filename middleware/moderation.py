@@ -49,6 +49,22 @@ _SLASHES = re.compile(r"/{2,}")
 _BODY_FRAMING = (b"content-length", b"transfer-encoding")
 
 
+def user_id_problem(user_id: str) -> str | None:
+    """Why this is not a valid end-user id (for the user header and admin paths alike), or None."""
+    if not user_id:
+        return "is empty"
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        return f"is longer than {MAX_USER_ID_LENGTH} characters"
+    # In ASCII the forbidden characters are exactly the unprintable ones: one C call.
+    if (
+        not user_id.isprintable()
+        if user_id.isascii()
+        else any(unicodedata.category(char) in _FORBIDDEN_IN_USER_ID for char in user_id)
+    ):
+        return "holds control characters"
+    return None
+
+
 class _Refused(Exception):
     """Ends a call with the gateway's own answer; `decision` goes to the access log."""
 
@@ -185,16 +201,7 @@ class ModerationMiddleware:
             user_id = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
             user_id = ""
-        if (
-            not user_id
-            or len(user_id) > MAX_USER_ID_LENGTH
-            # In ASCII the forbidden characters are exactly the unprintable ones: one C call.
-            or (
-                not user_id.isprintable()
-                if user_id.isascii()
-                else any(unicodedata.category(char) in _FORBIDDEN_IN_USER_ID for char in user_id)
-            )
-        ):
+        if user_id_problem(user_id) is not None:
             raise _Refused(
                 "invalid",
                 GatewayError(

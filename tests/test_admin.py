@@ -12,11 +12,12 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from gateway.admin import OPENAPI, AdminAPI, AuthThrottle, admin_app, user_id_problem
+from gateway.admin import OPENAPI, AdminAPI, AuthThrottle, admin_app
 from gateway.database import Database
 from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
 from middleware.asgi import ASGIApp, Message, Scope
+from middleware.moderation import user_id_problem
 from middleware.protocols import Verdict, Violation
 from tests.servers import run_app
 
