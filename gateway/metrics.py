@@ -1,22 +1,28 @@
-"""Prometheus metrics of the gateway process (the moderation middleware has its own module)."""
+"""Prometheus metrics of the gateway process (the moderation middleware has its own module).
 
-from prometheus_client import Counter, Gauge, Histogram
+The ones updated on every request are `Hot*` metrics (plain numbers, rendered at scrape time:
+middleware/hotmetrics.py); the rest are prometheus-client's own.
+"""
+
+from prometheus_client import Counter, Gauge
+
+from middleware.hotmetrics import HotCounter, HotHistogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
-REQUESTS = Counter(
+REQUESTS = HotCounter(
     "gateway_requests_total",
     "Requests answered, by route and status.",
     ["route", "method", "status"],
 )
-REQUEST_DURATION = Histogram(
+REQUEST_DURATION = HotHistogram(
     "gateway_request_duration_seconds",
     "Time from request to the response's first byte, by route.",
     ["route"],
     buckets=_LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served, streams included.")
-UPSTREAM_DURATION = Histogram(
+UPSTREAM_DURATION = HotHistogram(
     "gateway_upstream_duration_seconds",
     "Time from sending a request upstream to its response headers.",
     buckets=_LATENCY_BUCKETS,
@@ -33,7 +39,7 @@ BLOCK_EVENTS = Counter(
     "Blocks and unblocks recorded by this process, by kind (block, unblock) and actor (policy, admin, expiry).",
     ["kind", "actor"],
 )
-BLOCK_CHECKS = Counter(
+BLOCK_CHECKS = HotCounter(
     "gateway_block_checks_total",
     "Block checks, by what answered them: cache (the per-worker block cache) or database (a query).",
     ["source"],

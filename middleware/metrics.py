@@ -4,7 +4,9 @@ Blocks and unblocks are counted by the store, where they happen; these count wha
 middleware sees: verdicts, refusals, detector latency and failures, and the verdict cache.
 """
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
+
+from middleware.hotmetrics import HotHistogram
 
 VIOLATIONS = Counter(
     "gateway_violations_total",
@@ -15,7 +17,7 @@ BLOCKED_REQUESTS = Counter(
     "gateway_blocked_requests_total",
     "Requests refused with 403 because the user was already blocked.",
 )
-MODERATION_DURATION = Histogram(
+MODERATION_DURATION = HotHistogram(
     "gateway_moderation_duration_seconds",
     "Time one detector took to judge one request's user input.",
     ["detector"],

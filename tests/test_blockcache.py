@@ -34,9 +34,7 @@ async def replica(settings_factory: SettingsFactory, **cache_options: float) -> 
 
 
 def checks(source: str) -> float:
-    value = BLOCK_CHECKS.labels(source)._value.get()
-    assert isinstance(value, float)
-    return value
+    return BLOCK_CHECKS.labels(source).value
 
 
 async def within(seconds: float, condition: Callable[[], Awaitable[bool]]) -> float:
