@@ -7,15 +7,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
-from gateway.logs import access_log
+from gateway.logs import REQUEST_ID, access_log
 from gateway.metrics import IN_FLIGHT, REQUEST_DURATION, REQUESTS
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 from middleware.errors import GatewayError
 
 _REQUEST_ID = b"x-request-id"
-_UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
 # Metric labels must stay a small fixed set whatever paths clients send: ids in paths
 # (/v1/files/file-abc) and made-up paths fold into their family or "other".
 _V1_ROUTES = frozenset(
@@ -94,8 +91,9 @@ def _request_id(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Gives every response an X-Request-ID, and every request one access log line and its metrics.
 
-    A proxied answer keeps the upstream's own request id as X-Upstream-Request-ID, since the
-    contract reserves X-Request-ID for the gateway's (the client's, when it sent one).
+    Inner apps must not send an X-Request-ID of their own: the proxy renames the upstream's to
+    X-Upstream-Request-ID, since the contract reserves X-Request-ID for the gateway's (the
+    client's, when it sent one).
 
     `on_error`, when given, turns an exception from the inner app into the error to answer
     while nothing was sent yet (what Starlette's error middlewares do, for the app's /v1 path
@@ -125,16 +123,13 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 first_byte = time.perf_counter() - started
-                headers = [
-                    (_UPSTREAM_REQUEST_ID, value) if key.lower() == _REQUEST_ID else (key, value)
-                    for key, value in message.get("headers", ())
-                ]
+                headers = list(message.get("headers", ()))
                 headers.append((_REQUEST_ID, request_id_bytes))
                 message["headers"] = headers
             await send(message)
 
         _InFlight.count += 1
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        token = REQUEST_ID.set(request_id)
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
@@ -161,4 +156,4 @@ class RequestContextMiddleware:
                     "decision": state.get("decision"),
                 }
             )
-            structlog.contextvars.unbind_contextvars("request_id")
+            REQUEST_ID.reset(token)

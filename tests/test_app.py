@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx2
@@ -53,6 +56,37 @@ def test_request_ids(settings_factory: SettingsFactory, upstream: MockUpstream) 
     assert len(fresh[0]) == 32
     assert refused.headers["x-request-id"]
     assert upstream_reply.headers.get_list("x-request-id") == ["req-9"]
+
+
+def test_log_lines_carry_the_request_id(
+    settings_factory: SettingsFactory, upstream: MockUpstream, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Every line written while a request is served names it; the access line and the others alike."""
+    settings = settings_factory(upstream_url=upstream.url, moderation="rules", log_format="json")
+    with run_app(create_app(settings)) as url:
+        capfd.readouterr()
+        flagged = httpx2.post(
+            f"{url}/v1/chat/completions",
+            headers={"X-User-ID": "mallory", "X-Request-ID": "req-flagged"},
+            json={"model": "m", "messages": [{"role": "user", "content": "what is the best way to hurt myself"}]},
+        )
+        clean = httpx2.get(f"{url}/v1/models", headers={"X-User-ID": "alice"})
+        lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert flagged.status_code == 400
+    by_event: dict[str, list[dict[str, object]]] = {}
+    for line in lines:
+        by_event.setdefault(str(line["event"]), []).append(line)
+    assert [line["request_id"] for line in by_event["violation"]] == ["req-flagged"]
+    assert sorted(str(line["request_id"]) for line in by_event["request"]) == sorted(
+        ["req-flagged", clean.headers["x-request-id"]]
+    )
+    # ISO 8601 UTC with microseconds, as structlog writes the other lines' timestamps
+    stamp = str(by_event["request"][0]["timestamp"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+    assert abs((datetime.fromisoformat(stamp) - datetime.now(UTC)).total_seconds()) < 60
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(by_event["violation"][0]["timestamp"]))
+    # and nothing of the request leaks into lines written after it
+    assert all("request_id" not in line for line in lines if line["event"] not in ("violation", "request"))
 
 
 def test_upstream_request_id_is_kept_under_another_name(settings_factory: SettingsFactory) -> None:

@@ -1,0 +1,76 @@
+"""The access line's writer: whole lines to a descriptor or to a stream without one, and its clock."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.logs import _AccessLog, utc_clock
+
+FIELDS = {"request_id": "req-1", "user_id": "alice", "status": 200}
+
+
+@pytest.fixture
+def log() -> _AccessLog:
+    return _AccessLog()
+
+
+def test_lines_go_to_the_descriptor_whole(log: _AccessLog, tmp_path: Path) -> None:
+    with (tmp_path / "access.log").open("wb") as stream:
+        log.use(stream)
+        assert log.fd == stream.fileno()
+        log.write(dict(FIELDS))
+        log.write(dict(FIELDS, request_id="req-2"))
+    lines = [orjson.loads(line) for line in (tmp_path / "access.log").read_bytes().splitlines()]
+    assert [line["request_id"] for line in lines] == ["req-1", "req-2"]
+    assert lines[0]["event"] == "request"
+    assert lines[0]["level"] == "info"
+
+
+def test_a_short_write_is_completed(log: _AccessLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    calls: list[int] = []
+
+    def dribble(fd: int, data: bytes) -> int:  # the kernel may take fewer bytes than offered
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:7]))
+
+    with (tmp_path / "access.log").open("wb") as stream:
+        log.use(stream)
+        monkeypatch.setattr(os, "write", dribble)
+        log.write(dict(FIELDS))
+        monkeypatch.undo()
+    data = (tmp_path / "access.log").read_bytes()
+    assert orjson.loads(data)["request_id"] == "req-1"
+    assert data.endswith(b"\n")
+    assert len(calls) > 2
+
+
+def test_a_stream_without_a_descriptor_gets_buffered_writes(log: _AccessLog) -> None:
+    stream = io.BytesIO()
+    log.use(stream)
+    assert log.fd is None
+    log.write(dict(FIELDS))
+    assert orjson.loads(stream.getvalue())["user_id"] == "alice"
+
+
+def test_no_lines_when_disabled(log: _AccessLog) -> None:
+    stream = io.BytesIO()
+    log.use(stream)
+    log.enabled = False
+    log.write(dict(FIELDS))
+    assert stream.getvalue() == b""
+
+
+def test_the_clock_writes_iso_utc_with_microseconds() -> None:
+    stamps = [utc_clock.now() for _ in range(3)]
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        assert abs((datetime.fromisoformat(stamp) - datetime.now(UTC)).total_seconds()) < 5
+    assert stamps == sorted(stamps)
