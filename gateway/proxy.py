@@ -40,20 +40,24 @@ _HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
+_REQUEST_ID = b"x-request-id"
+_UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
 # aiohttp writes Host and the framing of the body it sends; uvicorn already answered any Expect.
 _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 # Headers aiohttp would add on its own; the client's (or none) go upstream instead.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in _SKIP_AUTO_HEADERS)
 _RETRY_BACKOFF = (0.05, 0.2)
 # A response announcing at most this many bytes is read whole and sent in one message.
 _BUFFER_LIMIT = 64 * 1024
 # Shorter than common upstream idle timeouts (nginx 75 s), so a pooled connection is rarely stale.
 _KEEPALIVE_SECONDS = 15.0
+_URL_CACHE_SIZE = 1024
 # A call still running after this long gets a task that watches for its client leaving. Most
 # calls end sooner, and a task for every call cost about 20 µs of CPU (created, parked on
 # `receive`, woken, cancelled); a timer costs 1 µs. A client that leaves is still noticed
 # within this delay, well inside the contract's second.
-_WATCH_AFTER = 0.1
+DISCONNECT_WATCH_AFTER = 0.1
 
 
 class _Circuit:
@@ -133,6 +137,19 @@ class _Call:
             self.watcher.cancel()
 
 
+class _ProxyRequest(aiohttp.ClientRequest):
+    """aiohttp's request, adding none of the headers aiohttp would add on its own.
+
+    The session's `skip_auto_headers` does the same, but aiohttp then builds a multidict of
+    the skipped names and a copy of the request's headers for every request (3 µs here);
+    the skipped set is the same every time, so it is built once. Still read by aiohttp where
+    a body would get a default Content-Type.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _SKIPPED
+
+
 class Upstream:
     """The ASGI app mounted at /v1: forwards every call to `settings.upstream_url`.
 
@@ -154,6 +171,7 @@ class Upstream:
         self._request_drop = frozenset(drop)
         self._circuit = _Circuit(settings.circuit_failures, settings.circuit_cooldown)
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # upstream URL by request target: most calls go to a few
 
     @property
     def circuit_open(self) -> bool:
@@ -171,6 +189,7 @@ class Upstream:
             # A shared jar would hand one user's upstream cookies to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=_SKIP_AUTO_HEADERS,
+            request_class=_ProxyRequest,
             trust_env=False,
         )
         # aiohttp resends idempotent requests once when a connection drops after sending; the
@@ -247,7 +266,7 @@ class Upstream:
                 else:
                     call = _Call(None, receive, task)
                 trial = self._circuit.admit()
-                timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, call.watch)
+                timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER, call.watch)
                 started = time.perf_counter()
                 response = await self._open(session, scope, headers, first, receive, call, trial)
                 elapsed = time.perf_counter() - started
@@ -324,7 +343,12 @@ class Upstream:
             target = raw[len(prefix) :].decode("ascii")
             if query:
                 target += "?" + query.decode("latin-1")
-            return URL(self._base + target, encoded=True)
+            url = self._urls.get(target)
+            if url is None:
+                url = URL(self._base + target, encoded=True)
+                if len(self._urls) < _URL_CACHE_SIZE:  # paths are the client's choice: keep only so many
+                    self._urls[target] = url
+            return url
         path: str = scope["path"]
         rest = path[len(root) :] if path.startswith(root) else path
         url = URL(self._base + rest)
@@ -473,6 +497,9 @@ def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
             if lower == b"connection":
                 connection = value if connection is None else connection + b"," + value
             continue
+        if lower == _REQUEST_ID:
+            # X-Request-ID is the gateway's (CONTRACT section 3); the upstream's own is kept under another name.
+            lower = _UPSTREAM_REQUEST_ID
         headers.append((lower, value))
     if connection is not None:
         named = {token.strip().lower() for token in connection.split(b",")}

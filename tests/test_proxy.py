@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
 import threading
 import time
@@ -191,6 +192,21 @@ def test_request_headers_are_filtered(mock: MockUpstream) -> None:
     assert headers.getall("Accept-Encoding") == ["br"]
     assert headers["Content-Length"] == "14"
     assert "Content-Type" not in headers  # aiohttp adds none of its own
+
+
+def test_no_header_is_added_that_the_client_did_not_send(mock: MockUpstream) -> None:
+    """aiohttp would add User-Agent, Accept, Accept-Encoding and a Content-Type of its own: none goes upstream."""
+    with gateway(mock.url) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
+        connection.putheader("X-User-ID", "dora")
+        connection.putheader("Content-Length", "13")
+        connection.endheaders(b'{"model":"m"}')
+        assert connection.getresponse().status == 200
+        connection.close()
+    headers = mock.requests[-1].headers
+    assert sorted(name.lower() for name in headers) == ["content-length", "host"]
 
 
 def test_client_authorization_is_forwarded_without_openai_key(mock: MockUpstream) -> None:
