@@ -200,9 +200,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     salt = None
     if settings.safety_identifier == "hash" and settings.safety_salt:
         salt = settings.safety_salt.get_secret_value().encode()
+    client_keys = frozenset(key.get_secret_value() for key in settings.api_keys)
     middleware = [
         Middleware(RequestContextMiddleware),
-        Middleware(ClientKeyMiddleware, keys=frozenset(key.get_secret_value() for key in settings.api_keys)),
+        # without client keys the layer would only pass calls through: leave it out
+        *([Middleware(ClientKeyMiddleware, keys=client_keys)] if client_keys else []),
         Middleware(
             ModerationMiddleware,
             store=store,

@@ -238,17 +238,9 @@ class ModerationMiddleware:
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole request body, or None if the client went away first."""
-        too_large = _Refused(
-            "invalid",
-            GatewayError(
-                413,
-                "request_too_large",
-                f"The request body is larger than the gateway's limit of {self.max_body_bytes} bytes.",
-            ),
-        )
         declared = header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
-            raise too_large
+            raise self._too_large()
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -259,10 +251,20 @@ class ModerationMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise too_large
+                raise self._too_large()
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+    def _too_large(self) -> _Refused:
+        return _Refused(
+            "invalid",
+            GatewayError(
+                413,
+                "request_too_large",
+                f"The request body is larger than the gateway's limit of {self.max_body_bytes} bytes.",
+            ),
+        )
 
     async def _moderate(self, user_input: UserInput, scope: Scope) -> tuple[Verdict | None, bool]:
         """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
