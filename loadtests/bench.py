@@ -40,6 +40,7 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.proxy import DISCONNECT_WATCH_AFTER
 from loadtests.harness import ROOT, child_env, free_port, scratch_database
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +54,7 @@ COMPLETION = (
     '"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":9,"total_tokens":39}}'
 )
 BLOCKED_USERS = 50  # blocked before the run, so the gateway's block cache is not empty
+GATEWAY_ENV: dict[str, str] = {}  # --gateway-env: settings on top of the benchmark's own
 
 
 class BenchFailed(Exception):
@@ -166,28 +168,40 @@ def _block_some_users(gateway: str, admin: str) -> None:
             pass
 
 
-def _servers(stack: ExitStack, scratch: Path, targets: tuple[str, ...], upstream_url: str | None = None) -> Servers:
-    """Start the mock and every proxy target; yields their base URLs and pids."""
+def _servers(
+    stack: ExitStack,
+    scratch: Path,
+    targets: tuple[str, ...],
+    upstream_url: str | None = None,
+    wrap: dict[str, list[str]] | None = None,
+    start_timeout: float = 90,
+) -> Servers:
+    """Start the mock and every proxy target; yields their base URLs and pids.
+
+    `wrap` puts a command in front of a target's (valgrind, for the instructions mode).
+    """
+    wrap = wrap or {}
     mock_url, mock = stack.enter_context(_mock(scratch))
     upstream = upstream_url or mock_url
     servers = Servers(urls={"direct": upstream}, pids={})
     _wait(f"{mock_url}/", mock, "nginx")
     if "floor" in targets:
         port = free_port()
-        command = [sys.executable, "-m", "loadtests.floor_proxy", "--port", str(port), "--upstream", upstream]
+        command = [*wrap.get("floor", []), sys.executable, "-m", "loadtests.floor_proxy", "--port", str(port)]
+        command += ["--upstream", upstream]
         servers.pids["floor"] = stack.enter_context(_process(command, scratch / "floor.log", PROXY_CORE))
         servers.urls["floor"] = f"http://127.0.0.1:{port}"
     if "gateway" in targets:
         database_url = stack.enter_context(scratch_database(os.environ.get("TEST_DATABASE_URL"), "bench"))
         port = free_port()
         admin = secrets.token_urlsafe(16)
-        env = _gateway_env(port, upstream, scratch, database_url, admin)
-        command = [sys.executable, "-m", "gateway"]
+        env = _gateway_env(port, upstream, scratch, database_url, admin) | GATEWAY_ENV
+        command = [*wrap.get("gateway", []), sys.executable, "-m", "gateway"]
         servers.pids["gateway"] = stack.enter_context(_process(command, scratch / "gateway.log", PROXY_CORE, env))
         servers.urls["gateway"] = f"http://127.0.0.1:{port}"
     for name in ("floor", "gateway"):
         if name in servers.urls:
-            _wait_pid(f"{servers.urls[name]}/healthz", servers.pids[name], name)
+            _wait_pid(f"{servers.urls[name]}/healthz", servers.pids[name], name, start_timeout)
     if "gateway" in servers.urls:
         _block_some_users(servers.urls["gateway"], admin)
     return servers
@@ -324,6 +338,8 @@ def _report(
         ratio = statistics.median(ratios) if ratios else None
         print(f"  gateway / floor: {ratios} median {ratio}")
 
+    cpu_ratios = _cpu_ratios(runs, rates) if "floor" in targets and "gateway" in targets else {}
+
     overhead: dict[str, dict[int, dict[str, float]]] = {}
     print("\noverhead = target minus direct, same rate, same run (median over runs; min..max), ms:")
     for target in targets:
@@ -354,14 +370,48 @@ def _report(
         "runs": [[asdict(step) for step in steps] for steps in runs],
         "capacity": capacities,
         "gateway_over_floor": ratio,
+        "cpu_gateway_over_floor": cpu_ratios,
         "overhead": overhead,
     }
 
 
-async def _stream_once(session: aiohttp.ClientSession, url: str, user: str) -> list[float]:
-    """Milliseconds from each chunk's send (stamped by the mock) to its arrival here."""
-    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
-    delays: list[float] = []
+def _cpu_ratios(runs: list[list[Step]], rates: list[int]) -> dict[int, list[float]]:
+    """Gateway CPU / floor CPU at the same rate in the same run: CPU per request, gateway over floor.
+
+    Where neither target is saturated, capacity ratio ~ 1 / this; it reads finer than the capacity
+    steps, whose resolution is the rate ladder.
+    """
+    ratios: dict[int, list[float]] = {}
+    print("\nCPU per request, gateway / floor (same rate, same run; where both kept up):")
+    for rate in rates:
+        for steps in runs:
+            gateway = next((s for s in steps if s.target == "gateway" and s.rate == rate), None)
+            floor = next((s for s in steps if s.target == "floor" and s.rate == rate), None)
+            if gateway is None or floor is None or not (gateway.ok and floor.ok):
+                continue
+            if gateway.cpu_percent and floor.cpu_percent:
+                ratios.setdefault(rate, []).append(round(gateway.cpu_percent / floor.cpu_percent, 3))
+        if rate in ratios:
+            values = ratios[rate]
+            print(
+                f"  {rate:5d} rps  median {statistics.median(values):.3f}  ({min(values):.3f}..{max(values):.3f})"
+                f"  => capacity ratio ~ {1 / statistics.median(values):.2f}"
+            )
+    return ratios
+
+
+async def _stream_once(
+    session: aiohttp.ClientSession, url: str, user: str, group: str, members: int
+) -> dict[int, float]:
+    """Milliseconds from each chunk's send (stamped by the mock) to its arrival here, by chunk index."""
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "bench_group": group,
+        "bench_members": members,
+    }
+    delays: dict[int, float] = {}
     async with session.post(f"{url}/v1/chat/completions", json=body, headers={"X-User-ID": user}) as response:
         if response.status != 200:
             raise BenchFailed(f"stream through {url} answered {response.status}: {await response.text()}")
@@ -373,24 +423,40 @@ async def _stream_once(session: aiohttp.ClientSession, url: str, user: str) -> l
             for event in events:
                 payload = event.removeprefix(b"data: ")
                 if payload.startswith(b"{"):
-                    delays.append((now - json.loads(payload)["sent_ns"]) / 1e6)
+                    chunk = json.loads(payload)
+                    delays[chunk["index"]] = (now - chunk["sent_ns"]) / 1e6
     return delays
 
 
-async def _streams(urls: dict[str, str], streams: int, concurrency: int) -> dict[str, list[float]]:
-    """Chunk delays per target, streams to every target interleaved: the client's own hiccups hit them alike."""
-    delays: dict[str, list[float]] = {target: [] for target in urls}
-    semaphore = asyncio.Semaphore(concurrency)
-    targets = list(urls)
+async def _twin_streams(direct: str, proxy: str, streams: int, concurrency: int) -> tuple[list[float], ...]:
+    """Stream pairs, one straight to the mock and its twin through `proxy`, `concurrency` pairs at once.
 
-    async def one(index: int) -> None:
-        target = targets[index % len(targets)]
+    The mock writes chunk i of both twins back to back (sse_mock's groups), so the difference of
+    their delays is what the proxy added to that chunk, with the mock's and this client's own
+    hiccups common to both. Returns (direct delays, proxy delays, proxy minus direct per chunk).
+    """
+    semaphore = asyncio.Semaphore(concurrency)
+    straight: list[float] = []
+    through: list[float] = []
+    gained: list[float] = []
+    run = secrets.token_hex(3)
+
+    async def pair(index: int) -> None:
+        group = f"{run}-{index}"
+        user = f"bench-stream-{index % 100}"
         async with semaphore:
-            delays[target].extend(await _stream_once(session, urls[target], f"bench-stream-{index % 100}"))
+            one, two = await asyncio.gather(
+                _stream_once(session, direct, user, group, 2), _stream_once(session, proxy, user, group, 2)
+            )
+        for chunk, delay in one.items():
+            if chunk in two:
+                straight.append(delay)
+                through.append(two[chunk])
+                gained.append(two[chunk] - delay)
 
     async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one(index) for index in range(streams * len(targets))))
-    return delays
+        await asyncio.gather(*(pair(index) for index in range(streams)))
+    return straight, through, gained
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -399,41 +465,57 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def stream(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
+    """Chunk delays gained through the floor and through the gateway, each against a twin sent straight.
+
+    The two proxies share core 0, so they are measured in turns (the order alternating from one
+    run to the next), each with `--concurrency` streams through it at once, each stream twinned
+    with one straight to the mock.
+    """
     port = free_port()
     mock_cmd = [sys.executable, "-m", "loadtests.sse_mock", "--port", str(port), "--chunks", str(args.chunks)]
     mock_cmd += ["--interval-ms", str(args.chunk_interval_ms)]
-    results: dict[str, object] = {"mode": "stream", "runs": []}
+    proxies = tuple(target for target in args.targets.split(",") if target != "direct")
+    runs: list[dict[str, object]] = []
+    results: dict[str, object] = {"mode": "stream", "concurrency": args.concurrency, "runs": runs}
+    summary: dict[str, dict[str, list[float]]] = {proxy: {"p50": [], "p95": [], "p99": []} for proxy in proxies}
     with ExitStack() as stack:
         mock_pid = stack.enter_context(_process(mock_cmd, scratch / "sse_mock.log", LOAD_CORE))
         mock_url = f"http://127.0.0.1:{port}"
         _wait_pid(f"{mock_url}/", mock_pid, "sse mock")
-        servers = _servers(stack, scratch, ("gateway",), upstream_url=mock_url)
-        servers.urls["direct"] = mock_url
-        asyncio.run(_streams({"gateway": servers.urls["gateway"]}, 10, 10))  # warm-up
-        gained_p50: list[float] = []
-        gained_p99: list[float] = []
+        servers = _servers(stack, scratch, proxies, upstream_url=mock_url)
+        for proxy in proxies:  # warm-up
+            asyncio.run(_twin_streams(mock_url, servers.urls[proxy], 10, args.concurrency))
         for repeat in range(args.repeat):
-            urls = {target: servers.urls[target] for target in ("direct", "gateway")}
-            measured = asyncio.run(_streams(urls, args.streams, args.concurrency))
-            row: dict[str, dict[str, float]] = {}
-            for target, delays in measured.items():
-                row[target] = {f"p{q}": _percentile(delays, q) for q in (50, 95, 99)} | {"chunks": len(delays)}
-            gained = {q: row["gateway"][q] - row["direct"][q] for q in ("p50", "p95", "p99")}
-            gained_p50.append(gained["p50"])
-            gained_p99.append(gained["p99"])
-            print(
-                f"run {repeat + 1}  chunk delay ms  "
-                + "  ".join(f"{t} p50 {r['p50']:.3f} p99 {r['p99']:.3f}" for t, r in row.items())
-                + f"  gained through the gateway: p50 {gained['p50']:.3f} p99 {gained['p99']:.3f}",
-                flush=True,
-            )
-            results["runs"].append({"delays": row, "gained": gained})  # type: ignore[attr-defined]
-    results["gained_p50_median"] = statistics.median(gained_p50)
-    results["gained_p99_median"] = statistics.median(gained_p99)
-    print(
-        f"\nchunk delay gained through the gateway (median of runs): p50 {results['gained_p50_median']:.3f} ms, "
-        f"p99 {results['gained_p99_median']:.3f} ms"
-    )
+            order = proxies if repeat % 2 == 0 else tuple(reversed(proxies))
+            for proxy in order:
+                straight, through, gained = asyncio.run(
+                    _twin_streams(mock_url, servers.urls[proxy], args.streams, args.concurrency)
+                )
+                direct_cells = {f"p{q}": _percentile(straight, q) for q in (50, 99)}
+                through_cells = {f"p{q}": _percentile(through, q) for q in (50, 99)}
+                gained_cells = {f"p{q}": _percentile(gained, q) for q in (50, 95, 99)}
+                for key, value in gained_cells.items():
+                    summary[proxy][key].append(value)
+                print(
+                    f"run {repeat + 1}  {proxy:8s} {len(gained)} chunk pairs  delay ms: straight p50 "
+                    f"{direct_cells['p50']:.3f} p99 {direct_cells['p99']:.3f}, through p50 {through_cells['p50']:.3f} "
+                    f"p99 {through_cells['p99']:.3f}; gained per chunk p50 {gained_cells['p50']:.3f} "
+                    f"p95 {gained_cells['p95']:.3f} p99 {gained_cells['p99']:.3f}",
+                    flush=True,
+                )
+                runs.append(
+                    {"target": proxy, "chunks": len(gained), "direct": direct_cells, "through": through_cells}
+                    | {"gained": gained_cells}
+                )
+    print(f"\ndelay a chunk gains against its twin sent straight, {args.concurrency} streams at once (median of runs):")
+    for proxy in proxies:
+        cells = summary[proxy]
+        text = "  ".join(
+            f"{key} {statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
+            for key, values in cells.items()
+        )
+        print(f"  {proxy:8s} {text} ms")
+        results[f"{proxy}_gained"] = {key: statistics.median(values) for key, values in cells.items()}
     return results
 
 
@@ -480,22 +562,136 @@ def soak(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
     return result
 
 
+# -- instructions ----------------------------------------------------------------------------------
+
+
+async def _closed_loop(url: str, requests: int, concurrency: int) -> tuple[int, float]:
+    """`requests` chat calls (the k6 script's body, headers and users), `concurrency` at a time.
+
+    Returns the failures and the 90th percentile of the calls' seconds.
+    """
+    body = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {
+                    "role": "user",
+                    "content": "Hello! Could you tell me what the weather is usually like in Lisbon in May?",
+                },
+            ],
+        }
+    ).encode()
+    failed = 0
+    seconds: list[float] = []
+    left = iter(range(requests))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failed
+        for index in left:
+            headers = {
+                "Content-Type": "application/json",
+                "X-User-ID": f"bench-{index * 7919 % 10_000}",
+                "Authorization": "Bearer sk-bench",
+            }
+            started = time.monotonic()
+            async with session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as response:
+                await response.read()
+                failed += response.status >= 400
+            seconds.append(time.monotonic() - started)
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return failed, _percentile(seconds, 90) if seconds else 0.0
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise BenchFailed(f"no instruction total in {path}")
+
+
+def instructions(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
+    """User-space instructions per request, floor and gateway, counted by valgrind's callgrind.
+
+    Instruction counts do not depend on what else the machine is doing, so they tell a change
+    of a few microseconds apart where CPU time cannot. Each proxy runs under callgrind (about
+    50 times slower); after a warm-up the counters are zeroed, `--requests` calls are made one
+    at a time, and the counters dumped. Kernel work (system calls) is not counted.
+    """
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        raise BenchFailed("instructions mode needs valgrind (apt-get install valgrind)")
+    proxies = tuple(target for target in args.targets.split(",") if target != "direct")
+    prefix = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no"]
+    per_request: dict[str, float] = {}
+    with ExitStack() as stack:
+        prefixes = {proxy: [*prefix, f"--callgrind-out-file={scratch}/callgrind.{proxy}.%p"] for proxy in proxies}
+        servers = _servers(stack, scratch, proxies, wrap=prefixes, start_timeout=600)
+        for proxy in proxies:
+            url, pid = servers.urls[proxy], servers.pids[proxy]
+            # One call at a time: under callgrind a call takes ~50x longer, and with several in flight
+            # the proxy's 0.1 s disconnect watcher would start for every call, which at real speed
+            # never happens; the counts would measure the slowdown, not the code.
+            asyncio.run(_closed_loop(url, args.warmup_requests, 1))
+            subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
+            failed, slow = asyncio.run(_closed_loop(url, args.requests, 1))
+            if failed:
+                raise BenchFailed(f"{proxy}: {failed} of {args.requests} calls failed")
+            if slow > DISCONNECT_WATCH_AFTER * 0.8:
+                # The count would include the watcher task, which real calls (about 1 ms) never start.
+                print(
+                    f"bench: WARNING: calls took {slow * 1000:.0f} ms (p90) under callgrind, near the proxy's "
+                    f"{DISCONNECT_WATCH_AFTER * 1000:.0f} ms disconnect watcher: run one instructions bench at a "
+                    "time on an otherwise idle core 0",
+                    file=sys.stderr,
+                )
+            before = set(scratch.glob(f"callgrind.{proxy}.{pid}*"))
+            subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+            dumps = sorted(set(scratch.glob(f"callgrind.{proxy}.{pid}*")) - before)
+            if not dumps:
+                raise BenchFailed(f"{proxy}: callgrind wrote no dump")
+            per_request[proxy] = _callgrind_total(dumps[-1]) / args.requests
+            print(f"{proxy:8s} {per_request[proxy]:12,.0f} instructions per request", flush=True)
+    result: dict[str, object] = {"mode": "instructions", "requests": args.requests, "per_request": per_request}
+    if "floor" in per_request and "gateway" in per_request:
+        ratio = per_request["gateway"] / per_request["floor"]
+        result["gateway_over_floor"] = ratio
+        print(f"gateway / floor: {ratio:.3f} (capacity ratio by instructions ~ {1 / ratio:.2f})")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["sweep", "stream", "soak"], default="sweep")
+    parser.add_argument("--mode", choices=["sweep", "stream", "soak", "instructions"], default="sweep")
     parser.add_argument("--rates", default="100,300,500,700,900,1100,1300", help="comma list, requests/s")
     parser.add_argument("--seconds", type=int, default=15, help="per rate and target")
     parser.add_argument("--repeat", type=int, default=3, help="whole sweeps; medians are reported")
     parser.add_argument("--targets", default=",".join(TARGETS))
-    parser.add_argument("--streams", type=int, default=200, help="stream mode: streams per target and run")
-    parser.add_argument("--concurrency", type=int, default=20, help="stream mode: streams at once, all targets")
+    parser.add_argument("--streams", type=int, default=200, help="stream mode: streams per proxy and run")
+    parser.add_argument("--concurrency", type=int, default=10, help="stream mode: streams through the proxy at once")
     parser.add_argument("--chunks", type=int, default=20, help="stream mode: chunks per stream")
     parser.add_argument("--chunk-interval-ms", type=float, default=20)
+    parser.add_argument("--requests", type=int, default=400, help="instructions mode: calls counted")
+    parser.add_argument("--warmup-requests", type=int, default=200, help="instructions mode: calls before counting")
     parser.add_argument("--soak-rate", type=int, default=1000)
     parser.add_argument("--soak-requests", type=int, default=200_000)
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="GATEWAY_NAME=value",
+        help="a setting for the gateway on top of the benchmark's (repeatable), e.g. GATEWAY_LOG_LEVEL=warning",
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds per mode: a self-check, no figures")
     parser.add_argument("--results", default=str(HERE / "results"))
     args = parser.parse_args()
+    for item in args.gateway_env:
+        name, equals, value = item.partition("=")
+        if not equals or not name.startswith("GATEWAY_"):
+            parser.error(f"--gateway-env {item!r}: expected GATEWAY_NAME=value")
+        GATEWAY_ENV[name] = value
     if args.quick:
         args.rates, args.seconds, args.repeat = "100", 2, 1
         args.streams, args.soak_requests, args.soak_rate = 10, 1000, 100
@@ -507,7 +703,7 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     try:
-        run = {"sweep": sweep, "stream": stream, "soak": soak}[args.mode]
+        run = {"sweep": sweep, "stream": stream, "soak": soak, "instructions": instructions}[args.mode]
         report = run(args, scratch)
     except BenchFailed as exc:
         print(f"bench: FAILED: {exc} (logs in {scratch})", file=sys.stderr)

@@ -4,7 +4,8 @@
 
 Same server settings as the gateway (uvicorn, uvloop, httptools, one worker, no access log).
 It reads the request body, sends it upstream on one keep-alive aiohttp session, and relays
-status, headers and body. Nothing else: no user header, no block check, no moderation, no logs.
+status, headers and body (a body of known length in one piece, a stream such as SSE chunk by
+chunk). Nothing else: no user header, no block check, no moderation, no logs.
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ def build(upstream: str) -> Starlette:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k not in _DROP}
         url = upstream + scope["path"]
         async with sessions[0].request(scope["method"], url, data=b"".join(chunks), headers=headers) as response:
-            body = await response.read()
             out = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _DROP]
+            if response.content_length is not None:
+                body = await response.read()
+                await send({"type": "http.response.start", "status": response.status, "headers": out})
+                await send({"type": "http.response.body", "body": body})
+                return
+            # a stream (SSE): relay each chunk as it comes
             await send({"type": "http.response.start", "status": response.status, "headers": out})
-            await send({"type": "http.response.body", "body": body})
+            while chunk := await response.content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
