@@ -1,8 +1,9 @@
 """Counters and histograms for the per-request path: plain numbers, turned into samples at scrape time.
 
 prometheus-client's `Counter.inc()` takes a lock, `Histogram.observe()` takes two (the
-bucket and the sum), and `labels()` builds its key under another: about 2 µs per histogram
-observation on the benchmark machine, and a request made eight such updates. The gateway
+bucket and the sum), and `labels()` builds its key under another: on the benchmark machine
+an observation cost 1.2 µs (0.3 µs here) and an increment 0.8 µs (0.1 µs here), and a
+request made eight such updates. The gateway
 updates these only from its event loop's thread, so a plain `+=` is safe; a collector
 registered in prometheus-client's registry renders them at scrape time as the same samples a
 prometheus-client metric would (`_total` and `_created`; `_bucket`, `_count`, `_sum` and
