@@ -155,7 +155,9 @@ def test_postgresql_restart_under_traffic_loses_nothing_and_heals(
         with (
             run_app(create_app(closed)) as url,
             run_app(create_app(opened)) as open_url,
-            httpx2.Client(timeout=15) as client,
+            # No keep-alive: on a loaded machine a pooled connection can sit idle past uvicorn's
+            # 5 s keep-alive while other calls are slow, and reusing it races its close (a reset).
+            httpx2.Client(timeout=15, limits=httpx2.Limits(max_keepalive_connections=0)) as client,
         ):
             for strike in (1, 2):
                 answer = post_chat(client, url, "alice", VIOLATION)
