@@ -92,11 +92,13 @@ class RulesDetector:
     def __init__(self, rules_file: Path) -> None:
         self.rules = load_rules(rules_file)
         self._any = any_rule_pattern(self.rules)
+        self._any_ascii = ascii_prefilter(self.rules, self._any)
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
         for text in user_input.texts:
             # One scan for the common case, a clean text; the rules in order only when one matched.
-            if self._any is not None and not self._any.search(text):
+            prefilter = self._any_ascii if self._any_ascii is not None and text.isascii() else self._any
+            if prefilter is not None and not prefilter.search(text):
                 continue
             for rule in self.rules:
                 if rule.pattern.search(text):
@@ -130,6 +132,39 @@ def any_rule_pattern(rules: Sequence[Rule]) -> re.Pattern[str] | None:
         return re.compile(prefix + "(?:" + "|".join(parts) + ")", re.IGNORECASE)
     except re.error:
         return None
+
+
+def ascii_prefilter(rules: Sequence[Rule], combined: re.Pattern[str] | None) -> re.Pattern[str] | None:
+    """`combined` in ASCII mode, for ASCII texts only: it scans about twice as fast (4.6 -> 2.4 µs).
+
+    On an ASCII text, an ASCII pattern matches the same in both modes: `\\w`, `\\d` and `\\b` agree
+    on ASCII characters, and case-insensitive matching differs only for non-ASCII characters
+    (the Kelvin sign, the long s). `\\s` does not agree: in Unicode mode it also matches
+    \\x1c-\\x1f. So None when a rule is not ASCII or uses `\\s` or `\\S`, and the Unicode
+    pre-filter serves every text.
+    """
+    if combined is None or not all(rule.pattern.pattern.isascii() for rule in rules):
+        return None
+    for rule in rules:
+        tree = _parse(rule.pattern)
+        if tree is None or _uses_space_class(tree):
+            return None
+    try:
+        return re.compile(combined.pattern, re.IGNORECASE | re.ASCII)
+    except re.error:  # pragma: no cover (a scoped (?u:...) in a rule)
+        return None
+
+
+def _uses_space_class(tree: Any) -> bool:
+    spaces = {_ops.CATEGORY_SPACE, _ops.CATEGORY_NOT_SPACE, _ops.CATEGORY_UNI_SPACE, _ops.CATEGORY_UNI_NOT_SPACE}
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if any(node is space for space in spaces):
+            return True
+        if isinstance(node, tuple | list) or type(node).__name__ == "SubPattern":
+            stack.extend(list(node))
+    return False
 
 
 # The standard library's own regular expression parser: private, hence looked up at run time

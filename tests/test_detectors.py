@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from middleware.detectors import (
     DEFAULT_RULES_FILE,
     OpenAIDetector,
+    Rule,
     RulesDetector,
     VerdictCache,
     any_rule_pattern,
+    ascii_prefilter,
     load_rules,
 )
 from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
@@ -359,3 +361,42 @@ def test_the_rules_prefilter_agrees_with_the_rules(text: str) -> None:
     assert _PREFILTER is not None
     by_rule = any(rule.pattern.search(text) for rule in _BUNDLED)
     assert (_PREFILTER.search(text) is not None) == by_rule
+
+
+_ASCII_PREFILTER = ascii_prefilter(_BUNDLED, _PREFILTER)
+_ASCII = st.characters(max_codepoint=127)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet=_ASCII),
+        st.lists(st.one_of(_WORDS.filter(str.isascii), st.text(alphabet=_ASCII, max_size=2)), max_size=12).map(
+            " ".join
+        ),
+        st.lists(_WORDS.filter(str.isascii), max_size=12).map("\x1c".join),
+    )
+)
+def test_the_ascii_prefilter_agrees_with_the_rules_on_ascii_texts(text: str) -> None:
+    assert _ASCII_PREFILTER is not None  # the bundled rules are ASCII and use no \s
+    by_rule = any(rule.pattern.search(text) for rule in _BUNDLED)
+    assert (_ASCII_PREFILTER.search(text) is not None) == by_rule
+
+
+def test_no_ascii_prefilter_where_the_modes_disagree(tmp_path: Path) -> None:
+    def rules(pattern: str) -> tuple[Rule, ...]:
+        path = tmp_path / "rules.toml"
+        path.write_text(f"[[rules]]\ncategory = 'x'\npattern = '{pattern}'\n", encoding="utf-8")
+        return load_rules(path)
+
+    spaced = rules(r"kill\smyself")
+    # In Unicode mode \s matches \x1c; in ASCII mode it would not: such rules keep the Unicode pre-filter.
+    assert spaced[0].pattern.search("kill\x1cmyself")
+    assert ascii_prefilter(spaced, any_rule_pattern(spaced)) is None
+    assert ascii_prefilter(rules(r"\S+@evil"), any_rule_pattern(rules(r"\S+@evil"))) is None
+    # A non-ASCII pattern letter can match ASCII text case-insensitively only in Unicode mode (Kelvin sign).
+    kelvin = rules("\u212aill")
+    assert kelvin[0].pattern.search("kill")
+    assert ascii_prefilter(kelvin, any_rule_pattern(kelvin)) is None
+    plain = rules(r"\bkill\b")
+    assert ascii_prefilter(plain, any_rule_pattern(plain)) is not None
