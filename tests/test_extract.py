@@ -3,7 +3,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from middleware.extract import extract_user_input
+from middleware.extract import _chat, _chat_of_strings, _Collector, extract_user_input
 from middleware.protocols import UserInput
 
 
@@ -212,3 +212,28 @@ def test_a_user_text_hidden_among_other_parts_is_found(parts: list[tuple[str, st
     content.insert(len(content) // 2, {"type": "text", "text": hidden})
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": content}]
     assert hidden in extract_user_input("chat", {"messages": messages}).texts
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=8)}),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "tool"]), "content": _json}),
+    _json,
+)
+
+
+@given(st.lists(_message, max_size=6))
+def test_the_common_chat_path_agrees_with_the_general_one(messages: list[Any]) -> None:
+    common = _chat_of_strings(messages)
+    general = _Collector()
+    _chat(general, messages)
+    if common is not None:
+        assert common == general.result()
+    else:  # only a user message whose content is not a string sends a chat to the general path
+        assert any(
+            isinstance(m, dict) and m.get("role") == "user" and not isinstance(m.get("content"), str) for m in messages
+        )
