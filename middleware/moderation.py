@@ -22,7 +22,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from middleware.asgi import ASGIApp, Message, Receive, Scope, Send, header
+from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 from middleware.errors import GatewayError
 from middleware.extract import extract_user_input
 from middleware.metrics import BLOCKED_REQUESTS, DETECTOR_FAILURES, FAIL_OPEN, MODERATION_DURATION, VIOLATIONS
@@ -125,7 +125,8 @@ class ModerationMiddleware:
             await refused.error.send(send)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, path: str, note: dict[str, Any]) -> None:
-        user_id = self._user_id(scope)
+        raw_user, declared_length, encoding, authorization = self._headers(scope)
+        user_id = self._user_id(raw_user)
         note["user_id"] = user_id
         decision = await self._check_block(user_id)
 
@@ -143,13 +144,13 @@ class ModerationMiddleware:
             await self.app(scope, receive, send)
             return
 
-        body = await self._read_body(scope, receive)
+        body = await self._read_body(declared_length, receive)
         if body is None:
             note["decision"] = "disconnected"
             return
-        request = _json_object(scope, body)
+        request = _json_object(encoding, body)
         user_input = extract_user_input(route, request)
-        verdict, failed_open = await self._moderate(user_input, scope)
+        verdict, failed_open = await self._moderate(user_input, authorization)
         if failed_open:
             decision = "fail_open"
 
@@ -188,8 +189,22 @@ class ModerationMiddleware:
         note["decision"] = decision
         await self.app(scope, _replaying(body, receive), send)
 
-    def _user_id(self, scope: Scope) -> str:
-        raw = header(scope, self.user_header_key)
+    def _headers(self, scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
+        """The first user header, Content-Length, Content-Encoding and Authorization, in one walk."""
+        user = length = encoding = authorization = None
+        user_key = self.user_header_key
+        for name, value in scope["headers"]:
+            if name == user_key and user is None:
+                user = value
+            if name == b"content-length" and length is None:
+                length = value
+            elif name == b"content-encoding" and encoding is None:
+                encoding = value
+            elif name == b"authorization" and authorization is None:
+                authorization = value
+        return user, length, encoding, authorization
+
+    def _user_id(self, raw: bytes | None) -> str:
         if raw is None:
             raise _Refused(
                 "invalid",
@@ -236,9 +251,8 @@ class ModerationMiddleware:
             raise _Refused("blocked", _blocked_error(block, "This user is blocked"))
         return "allow"
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole request body, or None if the client went away first."""
-        declared = header(scope, b"content-length")
+    async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes | None:
+        """The whole request body (`declared`: its Content-Length), or None if the client went away first."""
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
             raise self._too_large()
         chunks: list[bytes] = []
@@ -266,11 +280,10 @@ class ModerationMiddleware:
             ),
         )
 
-    async def _moderate(self, user_input: UserInput, scope: Scope) -> tuple[Verdict | None, bool]:
+    async def _moderate(self, user_input: UserInput, raw_authorization: bytes | None) -> tuple[Verdict | None, bool]:
         """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
         if not user_input:
             return None, False
-        raw_authorization = header(scope, b"authorization")
         authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
         failed_open = False
         for detector in self.detectors:
@@ -382,8 +395,7 @@ def _app_path(scope: Scope) -> str:
     return path
 
 
-def _json_object(scope: Scope, body: bytes) -> dict[str, Any]:
-    encoding = header(scope, b"content-encoding")
+def _json_object(encoding: bytes | None, body: bytes) -> dict[str, Any]:
     if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
         raise _Refused(
             "invalid",
