@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 from gateway.logs import REQUEST_ID, access_log
 from gateway.metrics import IN_FLIGHT, REQUEST_DURATION, REQUESTS
@@ -31,21 +30,11 @@ class _InFlight:
 
 
 IN_FLIGHT.set_function(lambda: _InFlight.count)
-# prometheus-client's labels() takes a lock and builds a key on every call; the label sets
-# are few and fixed (route_label is bounded), so keep the children.
-_counters: dict[tuple[str, str, int], Any] = {}
-_histograms: dict[str, Any] = {}
 
 
 def _count(route: str, method: str, status: int, seconds: float) -> None:
-    counter = _counters.get((route, method, status))
-    if counter is None:
-        counter = _counters.setdefault((route, method, status), REQUESTS.labels(route, method, str(status)))
-    counter.inc()
-    histogram = _histograms.get(route)
-    if histogram is None:
-        histogram = _histograms.setdefault(route, REQUEST_DURATION.labels(route))
-    histogram.observe(seconds)
+    REQUESTS.labels(route, method, str(status)).inc()
+    REQUEST_DURATION.labels(route).observe(seconds)
 
 
 _labels: dict[str, str] = {}
