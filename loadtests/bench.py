@@ -41,7 +41,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.proxy import DISCONNECT_WATCH_AFTER
-from loadtests.harness import ROOT, child_env, free_port, scratch_database
+from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database
 
 HERE = Path(__file__).resolve().parent
 K6 = ROOT / ".venv" / "bin" / "k6"
@@ -143,20 +143,6 @@ def _mock(scratch: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             process.wait(10)
 
 
-def _gateway_env(port: int, upstream: str, scratch: Path, database_url: str | None, admin: str) -> dict[str, str]:
-    return child_env(
-        GATEWAY_HOST="127.0.0.1",
-        GATEWAY_PORT=str(port),
-        GATEWAY_UPSTREAM_URL=f"{upstream}/v1",
-        GATEWAY_MODERATION="rules",
-        GATEWAY_ADMIN_TOKEN=admin,
-        GATEWAY_LOG_LEVEL="info",
-        GATEWAY_SHUTDOWN_GRACE="3",
-        GATEWAY_DATA_DIR=str(scratch / "pgdata"),
-        **({"DATABASE_URL": database_url} if database_url else {}),
-    )
-
-
 def _block_some_users(gateway: str, admin: str) -> None:
     for index in range(BLOCKED_USERS):
         request = urllib.request.Request(  # noqa: S310 (loopback URL we built)
@@ -195,7 +181,17 @@ def _servers(
         database_url = stack.enter_context(scratch_database(os.environ.get("TEST_DATABASE_URL"), "bench"))
         port = free_port()
         admin = secrets.token_urlsafe(16)
-        env = _gateway_env(port, upstream, scratch, database_url, admin) | GATEWAY_ENV
+        env = gateway_env(
+            port,
+            f"{upstream}/v1",
+            admin,
+            scratch / "pgdata",
+            database_url,
+            GATEWAY_MODERATION="rules",
+            GATEWAY_LOG_LEVEL="info",
+            GATEWAY_SHUTDOWN_GRACE="3",
+            **GATEWAY_ENV,
+        )
         command = [*wrap.get("gateway", []), sys.executable, "-m", "gateway"]
         servers.pids["gateway"] = stack.enter_context(_process(command, scratch / "gateway.log", PROXY_CORE, env))
         servers.urls["gateway"] = f"http://127.0.0.1:{port}"

@@ -35,6 +35,25 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def gateway_env(
+    port: int, upstream_url: str, admin_token: str, data_dir: Path, database_url: str | None, **settings: str
+) -> dict[str, str]:
+    """The environment of a gateway on 127.0.0.1:`port` in front of `upstream_url` (with /v1).
+
+    `settings` add to or override these (GATEWAY_MODERATION, GATEWAY_LOG_LEVEL, ...); without a
+    `database_url` the gateway runs its embedded PostgreSQL in `data_dir`.
+    """
+    return child_env(
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_PORT=str(port),
+        GATEWAY_UPSTREAM_URL=upstream_url,
+        GATEWAY_ADMIN_TOKEN=admin_token,
+        GATEWAY_DATA_DIR=str(data_dir),
+        **({"DATABASE_URL": database_url} if database_url else {}),
+        **settings,
+    )
+
+
 @contextmanager
 def scratch_database(admin_url: str | None, prefix: str) -> Iterator[str | None]:
     """A fresh database on the server of `admin_url`, dropped on exit; None (embedded) without one."""

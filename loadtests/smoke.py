@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from loadtests.harness import ROOT, child_env, free_port, scratch_database
+from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database
 
 REQUIRED_REQUESTS = ("chat", "chat (stream)", "violation")
 
@@ -85,22 +85,21 @@ def run(args: argparse.Namespace) -> None:
         mock_log, gateway_log = results / "mock.log", results / "gateway.log"
         mock_cmd = [sys.executable, "-m", "loadtests.mock_upstream", "--host", "127.0.0.1", "--port", str(mock_port)]
         mock_cmd += ["--latency-ms", str(args.mock_latency_ms), "--chunks", "5", "--chunk-delay-ms", "5"]
-        gateway_env = child_env(
-            GATEWAY_HOST="127.0.0.1",
-            GATEWAY_PORT=str(gateway_port),
-            GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{mock_port}/v1",
+        environment = gateway_env(
+            gateway_port,
+            f"http://127.0.0.1:{mock_port}/v1",
+            admin_token,
+            Path(scratch) / "pgdata",
+            database_url,
             GATEWAY_MODERATION="openai",
-            GATEWAY_ADMIN_TOKEN=admin_token,
             GATEWAY_SHUTDOWN_GRACE="5",
             GATEWAY_LOG_LEVEL="warning",
-            GATEWAY_DATA_DIR=str(Path(scratch) / "pgdata"),
-            **({"DATABASE_URL": database_url} if database_url else {}),
         )
         with mock_log.open("wb") as mock_out, gateway_log.open("wb") as gateway_out:
             # cwd=scratch: the gateway must not pick up a developer's .env from the project root.
             mock = subprocess.Popen(mock_cmd, cwd=scratch, env=child_env(), stdout=mock_out, stderr=mock_out)
             gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway"], cwd=scratch, env=gateway_env, stdout=gateway_out, stderr=gateway_out
+                [sys.executable, "-m", "gateway"], cwd=scratch, env=environment, stdout=gateway_out, stderr=gateway_out
             )
             try:
                 _wait_http(f"http://127.0.0.1:{mock_port}/v1/models", mock, "mock upstream", 30)

@@ -47,7 +47,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from loadtests.harness import child_env, free_port
+from loadtests.harness import child_env, free_port, gateway_env
 from loadtests.mock_upstream import MockConfig, create_app
 
 ADMIN_TOKEN = "soak-admin-token"
@@ -339,21 +339,22 @@ def start(args: argparse.Namespace, dsn: str, scratch: Path) -> Processes:
     mock_log, gateway_log = scratch / "mock.log", scratch / "gateway.log"
     mock_cmd = [sys.executable, "-m", "loadtests.soak", "--serve-mock", str(mock_port)]
     mock_cmd += ["--failure-rate", str(args.failure_rate), "--seed", str(args.seed)]
-    gateway_env = child_env(
-        GATEWAY_PORT=str(gateway_port),
-        GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{mock_port}/v1",
+    environment = gateway_env(
+        gateway_port,
+        f"http://127.0.0.1:{mock_port}/v1",
+        ADMIN_TOKEN,
+        scratch / "pgdata",
+        dsn,
         GATEWAY_MODERATION="openai",
-        GATEWAY_ADMIN_TOKEN=ADMIN_TOKEN,
         GATEWAY_MAX_STRIKES="3",
         GATEWAY_BLOCK_SECONDS="2",
         GATEWAY_SHUTDOWN_GRACE="5",
         GATEWAY_LOG_LEVEL="warning",
-        DATABASE_URL=dsn,
     )
     with mock_log.open("wb") as mock_out, gateway_log.open("wb") as gateway_out:
         mock = subprocess.Popen(mock_cmd, cwd=scratch, env=child_env(), stdout=mock_out, stderr=mock_out)
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], cwd=scratch, env=gateway_env, stdout=gateway_out, stderr=gateway_out
+            [sys.executable, "-m", "gateway"], cwd=scratch, env=environment, stdout=gateway_out, stderr=gateway_out
         )
     return Processes(mock, f"http://127.0.0.1:{mock_port}", gateway, f"http://127.0.0.1:{gateway_port}")
 
