@@ -184,6 +184,9 @@ def test_postgresql_restart_under_traffic_loses_nothing_and_heals(
                 assert client.get(f"{url}/readyz").status_code == 200
                 time.sleep(0.3)
                 after = time.monotonic()
+                # Wait for calls made after the recovery (checked below): leaving at once would stop
+                # the traffic threads before they made any whenever they happened to be pausing.
+                assert wait_for(lambda: len(traffic.since(after)) >= 3, 10)
             # Strikes committed before the outage are intact: the third blocks.
             status = client.get(f"{url}/admin/users/alice", headers=ADMIN).json()
             assert (status["strikes"], status["blocked"]) == (2, False)
