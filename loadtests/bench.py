@@ -187,10 +187,13 @@ def _servers(
             admin,
             scratch / "pgdata",
             database_url,
-            GATEWAY_MODERATION="rules",
-            GATEWAY_LOG_LEVEL="info",
-            GATEWAY_SHUTDOWN_GRACE="3",
-            **GATEWAY_ENV,
+            # --gateway-env may override the benchmark's own settings
+            **{
+                "GATEWAY_MODERATION": "rules",
+                "GATEWAY_LOG_LEVEL": "info",
+                "GATEWAY_SHUTDOWN_GRACE": "3",
+                **GATEWAY_ENV,
+            },
         )
         command = [*wrap.get("gateway", []), sys.executable, "-m", "gateway"]
         servers.pids["gateway"] = stack.enter_context(_process(command, scratch / "gateway.log", PROXY_CORE, env))

@@ -43,15 +43,15 @@ def gateway_env(
     `settings` add to or override these (GATEWAY_MODERATION, GATEWAY_LOG_LEVEL, ...); without a
     `database_url` the gateway runs its embedded PostgreSQL in `data_dir`.
     """
-    return child_env(
-        GATEWAY_HOST="127.0.0.1",
-        GATEWAY_PORT=str(port),
-        GATEWAY_UPSTREAM_URL=upstream_url,
-        GATEWAY_ADMIN_TOKEN=admin_token,
-        GATEWAY_DATA_DIR=str(data_dir),
+    env = {
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_UPSTREAM_URL": upstream_url,
+        "GATEWAY_ADMIN_TOKEN": admin_token,
+        "GATEWAY_DATA_DIR": str(data_dir),
         **({"DATABASE_URL": database_url} if database_url else {}),
-        **settings,
-    )
+    }
+    return child_env(**{**env, **settings})
 
 
 @contextmanager
