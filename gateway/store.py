@@ -277,13 +277,19 @@ class Store:
 
     # -- the StrikeStore protocol --------------------------------------------------------------
 
-    async def current_block(self, user_id: str) -> Block | None:
+    def cached_block(self, user_id: str) -> tuple[bool, Block | None]:
         # A valid cache is an answer even when the pool is exhausted or closed: it is loaded,
         # and its live listener connection proves the database reachable and the set current.
         cache = self.cache
         if cache is not None and cache.valid:
             self._from_cache.inc()
-            return cache.get(user_id)
+            return True, cache.get(user_id)
+        return False, None
+
+    async def current_block(self, user_id: str) -> Block | None:
+        known, block = self.cached_block(user_id)
+        if known:
+            return block
         self._from_database.inc()
         return await self._read(self._current_block_work(user_id))
 

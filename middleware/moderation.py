@@ -30,6 +30,7 @@ from middleware.protocols import (
     Block,
     Detector,
     DetectorFailed,
+    LocalDetector,
     StoreUnavailable,
     StrikeOutcome,
     StrikeStore,
@@ -92,6 +93,11 @@ class ModerationMiddleware:
         self.app = app
         self.store = store
         self.detectors = sorted(detectors, key=lambda detector: detector.cost)
+        # in-process detectors' check_now, by position: called without a coroutine
+        self._local = [
+            detector.check_now if isinstance(detector, LocalDetector) else None for detector in self.detectors
+        ]
+        self._all_local = all(self._local)
         self._timers = {detector.name: MODERATION_DURATION.labels(detector.name) for detector in self.detectors}
         self._failures = {detector.name: DETECTOR_FAILURES.labels(detector.name) for detector in self.detectors}
         self.user_header = user_header
@@ -128,7 +134,13 @@ class ModerationMiddleware:
         raw_user, declared_length, encoding, authorization = self._headers(scope)
         user_id = self._user_id(raw_user)
         note["user_id"] = user_id
-        decision = await self._check_block(user_id)
+        known, block = self.store.cached_block(user_id)
+        if not known:
+            decision = await self._check_block(user_id)
+        elif block is not None:
+            raise self._blocked(block)
+        else:
+            decision = "allow"
 
         # Match the route as an upstream would see it: a trailing slash or `//` must not skip moderation.
         # A path that is already a route's own spelling (the usual case) needs no normalising.
@@ -144,13 +156,31 @@ class ModerationMiddleware:
             await self.app(scope, receive, send)
             return
 
-        body = await self._read_body(declared_length, receive)
+        if (
+            declared_length is not None
+            and declared_length.strip().isdigit()
+            and int(declared_length) > self.max_body_bytes
+        ):
+            raise self._too_large()
+        message = await receive()
+        body: bytes | None
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body = message.get("body", b"")  # the whole body in one message: the usual case
+            if len(body) > self.max_body_bytes:
+                raise self._too_large()
+        else:
+            body = await self._read_body(message, receive)
         if body is None:
             note["decision"] = "disconnected"
             return
         request = _json_object(encoding, body)
         user_input = extract_user_input(route, request)
-        verdict, failed_open = await self._moderate(user_input, authorization)
+        if not user_input:
+            verdict, failed_open = None, False
+        elif self._all_local:
+            verdict, failed_open = self._moderate_locally(user_input)
+        else:
+            verdict, failed_open = await self._moderate(user_input, authorization)
         if failed_open:
             decision = "fail_open"
 
@@ -247,19 +277,19 @@ class ModerationMiddleware:
             FAIL_OPEN.labels("store").inc()
             return "fail_open"
         if block is not None:
-            BLOCKED_REQUESTS.inc()
-            raise _Refused("blocked", _blocked_error(block, "This user is blocked"))
+            raise self._blocked(block)
         return "allow"
 
-    async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes | None:
-        """The whole request body (`declared`: its Content-Length), or None if the client went away first."""
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large()
+    @staticmethod
+    def _blocked(block: Block) -> _Refused:
+        BLOCKED_REQUESTS.inc()
+        return _Refused("blocked", _blocked_error(block, "This user is blocked"))
+
+    async def _read_body(self, message: Message, receive: Receive) -> bytes | None:
+        """The whole request body from its first `message` on, or None if the client went away first."""
         chunks: list[bytes] = []
         size = 0
-        more = True
-        while more:
-            message = await receive()
+        while True:
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -267,8 +297,9 @@ class ModerationMiddleware:
             if size > self.max_body_bytes:
                 raise self._too_large()
             chunks.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+            message = await receive()
 
     def _too_large(self) -> _Refused:
         return _Refused(
@@ -282,29 +313,17 @@ class ModerationMiddleware:
 
     async def _moderate(self, user_input: UserInput, raw_authorization: bytes | None) -> tuple[Verdict | None, bool]:
         """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
-        if not user_input:
-            return None, False
         authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
         failed_open = False
-        for detector in self.detectors:
+        for detector, check_now in zip(self.detectors, self._local, strict=True):
             started = time.perf_counter()
             try:
-                verdict = await detector.check(user_input, authorization)
+                if check_now is not None:
+                    verdict = check_now(user_input)
+                else:
+                    verdict = await detector.check(user_input, authorization)
             except DetectorFailed as exc:
-                self._failures[detector.name].inc()
-                log.warning(
-                    "detector_failed", detector=detector.name, error=str(exc), failure_mode=self.moderation_failure
-                )
-                if self.moderation_failure == "closed":
-                    raise _Refused(
-                        "moderation_unavailable",
-                        GatewayError(
-                            503,
-                            "moderation_unavailable",
-                            "Content moderation is unavailable, so the request was not forwarded; retry in a moment.",
-                        ),
-                    ) from None
-                FAIL_OPEN.labels("moderation").inc()
+                self._detector_failed(detector, exc)
                 failed_open = True
                 continue
             finally:
@@ -312,6 +331,39 @@ class ModerationMiddleware:
             if verdict is not None:
                 return verdict, failed_open
         return None, failed_open
+
+    def _moderate_locally(self, user_input: UserInput) -> tuple[Verdict | None, bool]:
+        """`_moderate` when every detector is a LocalDetector: the same, without a coroutine."""
+        failed_open = False
+        for detector, check_now in zip(self.detectors, self._local, strict=True):
+            assert check_now is not None
+            started = time.perf_counter()
+            try:
+                verdict = check_now(user_input)
+            except DetectorFailed as exc:
+                self._detector_failed(detector, exc)
+                failed_open = True
+                continue
+            finally:
+                self._timers[detector.name].observe(time.perf_counter() - started)
+            if verdict is not None:
+                return verdict, failed_open
+        return None, failed_open
+
+    def _detector_failed(self, detector: Detector, exc: DetectorFailed) -> None:
+        """Count and log a detector that could not judge; refuse the call when moderation fails closed."""
+        self._failures[detector.name].inc()
+        log.warning("detector_failed", detector=detector.name, error=str(exc), failure_mode=self.moderation_failure)
+        if self.moderation_failure == "closed":
+            raise _Refused(
+                "moderation_unavailable",
+                GatewayError(
+                    503,
+                    "moderation_unavailable",
+                    "Content moderation is unavailable, so the request was not forwarded; retry in a moment.",
+                ),
+            ) from None
+        FAIL_OPEN.labels("moderation").inc()
 
     async def _strike(self, user_id: str, violation: Violation) -> None:
         categories = ", ".join(violation.verdict.categories)

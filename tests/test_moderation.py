@@ -505,6 +505,40 @@ async def test_failed_detector_open_forwards_and_the_next_detector_still_runs(
     assert len(inner.scopes) == 1
 
 
+class FailingLocally:
+    """An in-process detector (a LocalDetector) that cannot judge."""
+
+    name = "failing_locally"
+    cost = 0
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        return self.check_now(user_input)
+
+    def check_now(self, user_input: UserInput) -> Verdict | None:
+        raise DetectorFailed("the rules could not be read")
+
+
+@pytest.mark.parametrize("with_remote", [False, True], ids=["local only", "local and remote"])
+async def test_a_failing_local_detector_follows_the_failure_mode(
+    store: Store, rules: RulesDetector, with_remote: bool
+) -> None:
+    # Only local detectors: judged without a coroutine; with a remote one: in the general loop.
+    inner = Inner()
+    remote: list[Detector] = [Recording()] if with_remote else []
+    closed = middleware(inner, store, [FailingLocally(), rules, *remote])
+    answer = await call(closed, body=chat("hello"))
+    assert answer.status == 503
+    assert answer.error["code"] == "moderation_unavailable"
+    opened = middleware(inner, store, [FailingLocally(), rules, *remote], moderation_failure="open")
+    before = metric("gateway_detector_failures_total", detector="failing_locally")
+    answer = await call(opened, body=chat("hello"))
+    assert answer.status == 200
+    assert answer.state["decision"] == "fail_open"
+    assert metric("gateway_detector_failures_total", detector="failing_locally") == before + 1
+    assert (await call(opened, body=chat("forbidden"))).status == 400  # the next detector still judged
+    assert len(inner.scopes) == 1
+
+
 async def test_no_user_input_needs_no_detector(store: Store) -> None:
     inner = Inner()
     answer = await call(middleware(inner, store, [Failing()]), body=b'{"model": "m", "messages": []}')
