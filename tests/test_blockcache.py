@@ -80,6 +80,28 @@ async def test_a_valid_cache_answers_without_the_pool(settings_factory: Settings
         await store._db.pool.close()
         assert await store.current_block("bob") == Block(until=None)
         assert await store.current_block("carol") is None
+        # The middleware's first question, answered from memory without a coroutine.
+        from_cache = checks("cache")
+        assert store.cached_block("bob") == (True, Block(until=None))
+        assert store.cached_block("carol") == (True, None)
+        assert checks("cache") == from_cache + 2
+
+
+async def test_without_a_valid_cache_only_the_database_can_tell(settings_factory: SettingsFactory) -> None:
+    async with replica(settings_factory, max_entries=1) as store:
+        cache = store.cache
+        assert cache is not None
+        await store.block("gus", seconds=300)
+        await store.block("hal", seconds=300)  # more than the cache holds: it gives up
+
+        async def invalid() -> bool:
+            return not cache.valid
+
+        await within(1.0, invalid)
+        before = checks("cache"), checks("database")
+        assert store.cached_block("gus") == (False, None)
+        assert await store.current_block("gus") is not None
+        assert (checks("cache"), checks("database")) == (before[0], before[1] + 1)
 
 
 async def test_this_replicas_own_changes_reach_its_cache_at_once(settings_factory: SettingsFactory) -> None:
