@@ -54,6 +54,7 @@ def test_request_ids(settings_factory: SettingsFactory, upstream: MockUpstream) 
     assert mine.headers["x-request-id"] == "req-123"
     assert fresh[0] != fresh[1]
     assert len(fresh[0]) == 32
+    assert set(fresh[0] + fresh[1]) <= set("0123456789abcdef")  # 128 random bits in lower-case hex
     assert refused.headers["x-request-id"]
     assert upstream_reply.headers.get_list("x-request-id") == ["req-9"]
 
