@@ -15,7 +15,7 @@ import posixpath
 import re
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -131,8 +131,8 @@ class ModerationMiddleware:
             await refused.error.send(send)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, path: str, note: dict[str, Any]) -> None:
-        raw_user, declared_length, encoding, authorization = self._headers(scope)
-        user_id = self._user_id(raw_user)
+        headers = _first_values(scope["headers"])
+        user_id = self._user_id(headers.get(self.user_header_key))
         note["user_id"] = user_id
         known, block = self.store.cached_block(user_id)
         if not known:
@@ -156,11 +156,8 @@ class ModerationMiddleware:
             await self.app(scope, receive, send)
             return
 
-        if (
-            declared_length is not None
-            and declared_length.strip().isdigit()
-            and int(declared_length) > self.max_body_bytes
-        ):
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
             raise self._too_large()
         message = await receive()
         body: bytes | None
@@ -173,14 +170,14 @@ class ModerationMiddleware:
         if body is None:
             note["decision"] = "disconnected"
             return
-        request = _json_object(encoding, body)
+        request = _json_object(headers.get(b"content-encoding"), body)
         user_input = extract_user_input(route, request)
         if not user_input:
             verdict, failed_open = None, False
         elif self._all_local:
             verdict, failed_open = self._moderate_locally(user_input)
         else:
-            verdict, failed_open = await self._moderate(user_input, authorization)
+            verdict, failed_open = await self._moderate(user_input, headers.get(b"authorization"))
         if failed_open:
             decision = "fail_open"
 
@@ -218,21 +215,6 @@ class ModerationMiddleware:
             ]
         note["decision"] = decision
         await self.app(scope, _replaying(body, receive), send)
-
-    def _headers(self, scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
-        """The first user header, Content-Length, Content-Encoding and Authorization, in one walk."""
-        user = length = encoding = authorization = None
-        user_key = self.user_header_key
-        for name, value in scope["headers"]:
-            if name == user_key and user is None:
-                user = value
-            if name == b"content-length" and length is None:
-                length = value
-            elif name == b"content-encoding" and encoding is None:
-                encoding = value
-            elif name == b"authorization" and authorization is None:
-                authorization = value
-        return user, length, encoding, authorization
 
     def _user_id(self, raw: bytes | None) -> str:
         if raw is None:
@@ -436,6 +418,14 @@ def _blocked_error(block: Block, lead: str, **extra: Any) -> GatewayError:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _first_values(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The request's headers by (lower-case) name, the first of each name winning.
+
+    One C call instead of a loop over the headers in Python: a third of the bytecode.
+    """
+    return dict(reversed(headers if isinstance(headers, list | tuple) else list(headers)))
 
 
 def _app_path(scope: Scope) -> str:

@@ -231,6 +231,33 @@ async def test_unicode_and_longest_user_ids_are_accepted(store: Store) -> None:
     assert (await call(app, method="GET", path="/v1/models", user=b"u" * 256)).status == 200
 
 
+async def test_the_first_of_repeated_headers_counts_in_any_header_container(store: Store, rules: RulesDetector) -> None:
+    inner = Inner()
+    app = middleware(inner, store, [rules])
+    # The first X-User-ID names the user (a second one is not a way around a block).
+    answer = await call(app, method="GET", path="/v1/models", user=b"alice", headers=[(b"x-user-id", b"mallory")])
+    assert answer.state["user_id"] == "mallory"  # call() appends its own user header after these
+    body = chat("forbidden")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    # ASGI allows any iterable of two-item iterables: a generator of lists, a tuple of tuples.
+    pairs = [[b"x-user-id", b"carol"], [b"x-user-id", b"dave"], [b"content-length", str(len(body)).encode()]]
+    for headers in ((pair for pair in pairs), tuple(map(tuple, pairs))):
+        state: dict[str, Any] = {}
+        scope = {"type": "http", "method": "POST", "path": CHAT, "root_path": "", "headers": headers, "state": state}
+        await app(scope, receive, send)
+        assert state["user_id"] == "carol"
+        assert sent[-2]["status"] == 400  # judged: the body was read and the rules ran
+    assert inner.scopes == [] or all(scope["method"] == "GET" for scope in inner.scopes)
+
+
 # --- body ----------------------------------------------------------------------------------------
 
 
