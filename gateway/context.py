@@ -119,9 +119,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 first_byte = perf_counter() - started
-                headers = list(message.get("headers", ()))
-                headers.append((_REQUEST_ID, request_id_bytes))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", ()), (_REQUEST_ID, request_id_bytes)]
             await send(message)
 
         _in_flight.value += 1

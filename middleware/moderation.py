@@ -13,10 +13,10 @@ import hashlib
 import hmac
 import posixpath
 import re
-import time
 import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from time import perf_counter
 from typing import Any, Literal
 
 import orjson
@@ -93,12 +93,17 @@ class ModerationMiddleware:
         self.app = app
         self.store = store
         self.detectors = sorted(detectors, key=lambda detector: detector.cost)
-        # in-process detectors' check_now, by position: called without a coroutine
-        self._local = [
-            detector.check_now if isinstance(detector, LocalDetector) else None for detector in self.detectors
+        # Each detector with its check_now when it judges in-process (called without a coroutine)
+        # and its timer.
+        self._steps = [
+            (
+                detector,
+                detector.check_now if isinstance(detector, LocalDetector) else None,
+                MODERATION_DURATION.labels(detector.name),
+            )
+            for detector in self.detectors
         ]
-        self._all_local = all(self._local)
-        self._timers = {detector.name: MODERATION_DURATION.labels(detector.name) for detector in self.detectors}
+        self._all_local = all(check_now is not None for _detector, check_now, _timer in self._steps)
         self._failures = {detector.name: DETECTOR_FAILURES.labels(detector.name) for detector in self.detectors}
         self.user_header = user_header
         self.user_header_key = user_header.lower().encode("latin-1")
@@ -297,8 +302,8 @@ class ModerationMiddleware:
         """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
         authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
         failed_open = False
-        for detector, check_now in zip(self.detectors, self._local, strict=True):
-            started = time.perf_counter()
+        for detector, check_now, timer in self._steps:
+            started = perf_counter()
             try:
                 if check_now is not None:
                     verdict = check_now(user_input)
@@ -309,7 +314,7 @@ class ModerationMiddleware:
                 failed_open = True
                 continue
             finally:
-                self._timers[detector.name].observe(time.perf_counter() - started)
+                timer.observe(perf_counter() - started)
             if verdict is not None:
                 return verdict, failed_open
         return None, failed_open
@@ -317,9 +322,9 @@ class ModerationMiddleware:
     def _moderate_locally(self, user_input: UserInput) -> tuple[Verdict | None, bool]:
         """`_moderate` when every detector is a LocalDetector: the same, without a coroutine."""
         failed_open = False
-        for detector, check_now in zip(self.detectors, self._local, strict=True):
+        for detector, check_now, timer in self._steps:
             assert check_now is not None
-            started = time.perf_counter()
+            started = perf_counter()
             try:
                 verdict = check_now(user_input)
             except DetectorFailed as exc:
@@ -327,7 +332,7 @@ class ModerationMiddleware:
                 failed_open = True
                 continue
             finally:
-                self._timers[detector.name].observe(time.perf_counter() - started)
+                timer.observe(perf_counter() - started)
             if verdict is not None:
                 return verdict, failed_open
         return None, failed_open
