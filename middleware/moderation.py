@@ -103,7 +103,6 @@ class ModerationMiddleware:
             )
             for detector in self.detectors
         ]
-        self._all_local = all(check_now is not None for _detector, check_now, _timer in self._steps)
         self._failures = {detector.name: DETECTOR_FAILURES.labels(detector.name) for detector in self.detectors}
         self.user_header = user_header
         self.user_header_key = user_header.lower().encode("latin-1")
@@ -179,8 +178,6 @@ class ModerationMiddleware:
         user_input = extract_user_input(route, request)
         if not user_input:
             verdict, failed_open = None, False
-        elif self._all_local:
-            verdict, failed_open = self._moderate_locally(user_input)
         else:
             verdict, failed_open = await self._moderate(user_input, headers.get(b"authorization"))
         if failed_open:
@@ -310,7 +307,20 @@ class ModerationMiddleware:
                 else:
                     verdict = await detector.check(user_input, authorization)
             except DetectorFailed as exc:
-                self._detector_failed(detector, exc)
+                self._failures[detector.name].inc()
+                log.warning(
+                    "detector_failed", detector=detector.name, error=str(exc), failure_mode=self.moderation_failure
+                )
+                if self.moderation_failure == "closed":
+                    raise _Refused(
+                        "moderation_unavailable",
+                        GatewayError(
+                            503,
+                            "moderation_unavailable",
+                            "Content moderation is unavailable, so the request was not forwarded; retry in a moment.",
+                        ),
+                    ) from None
+                FAIL_OPEN.labels("moderation").inc()
                 failed_open = True
                 continue
             finally:
@@ -318,39 +328,6 @@ class ModerationMiddleware:
             if verdict is not None:
                 return verdict, failed_open
         return None, failed_open
-
-    def _moderate_locally(self, user_input: UserInput) -> tuple[Verdict | None, bool]:
-        """`_moderate` when every detector is a LocalDetector: the same, without a coroutine."""
-        failed_open = False
-        for detector, check_now, timer in self._steps:
-            assert check_now is not None
-            started = perf_counter()
-            try:
-                verdict = check_now(user_input)
-            except DetectorFailed as exc:
-                self._detector_failed(detector, exc)
-                failed_open = True
-                continue
-            finally:
-                timer.observe(perf_counter() - started)
-            if verdict is not None:
-                return verdict, failed_open
-        return None, failed_open
-
-    def _detector_failed(self, detector: Detector, exc: DetectorFailed) -> None:
-        """Count and log a detector that could not judge; refuse the call when moderation fails closed."""
-        self._failures[detector.name].inc()
-        log.warning("detector_failed", detector=detector.name, error=str(exc), failure_mode=self.moderation_failure)
-        if self.moderation_failure == "closed":
-            raise _Refused(
-                "moderation_unavailable",
-                GatewayError(
-                    503,
-                    "moderation_unavailable",
-                    "Content moderation is unavailable, so the request was not forwarded; retry in a moment.",
-                ),
-            ) from None
-        FAIL_OPEN.labels("moderation").inc()
 
     async def _strike(self, user_id: str, violation: Violation) -> None:
         categories = ", ".join(violation.verdict.categories)
