@@ -199,7 +199,9 @@ _MAX_CLASS_EXPANSION = 4  # a class of at most this many characters extends a li
 
 
 def literal_screen(rules: Sequence[Rule]) -> LiteralScreen | None:
-    """A `LiteralScreen` for ASCII rules (None if a rule is not ASCII or the rest cannot be combined)."""
+    """A `LiteralScreen` for ASCII rules; None if a rule is not ASCII, the rest cannot be
+    combined, or no rule has a literal or one's best is a single letter or sign (a screen that
+    passes nearly every text only costs time)."""
     literals: dict[str, None] = {}
     rest: list[Rule] = []
     for rule in rules:
@@ -218,6 +220,10 @@ def literal_screen(rules: Sequence[Rule]) -> LiteralScreen | None:
         if rest_pattern is None:
             return None
     kept = _shortest(set(literals))
+    if not kept or any(len(text) == 1 and not text.isdigit() for text in kept):
+        # no literal at all (the pre-filter alone does the same), or a single letter or sign
+        # (`a.b`): nearly every text would pass the screen, for nothing
+        return None
     return LiteralScreen(literals=tuple(text for text in literals if text in kept), rest=rest_pattern)
 
 

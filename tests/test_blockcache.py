@@ -16,6 +16,7 @@ from gateway.metrics import BLOCK_CHECKS
 from gateway.store import Policy, Store
 from middleware.protocols import Block, Verdict, Violation
 from tests.conftest import SettingsFactory
+from tests.test_moderation import Inner, call, middleware
 
 
 @asynccontextmanager
@@ -85,6 +86,24 @@ async def test_a_valid_cache_answers_without_the_pool(settings_factory: Settings
         assert store.cached_block("bob") == (True, Block(until=None))
         assert store.cached_block("carol") == (True, None)
         assert checks("cache") == from_cache + 2
+
+
+async def test_the_middleware_refuses_a_cached_block_without_asking_the_database(
+    settings_factory: SettingsFactory,
+) -> None:
+    async with replica(settings_factory) as store:
+        await store.block("ivy", seconds=300)
+        inner = Inner()
+        app = middleware(inner, store, [])
+        before = checks("cache"), checks("database")
+        refused = await call(app, method="GET", path="/v1/models", user=b"ivy")
+        allowed = await call(app, method="GET", path="/v1/models", user=b"jay")
+        assert refused.status == 403
+        assert refused.error["code"] == "user_blocked"
+        assert refused.state["decision"] == "blocked"
+        assert allowed.status == 200
+        assert len(inner.scopes) == 1
+        assert (checks("cache"), checks("database")) == (before[0] + 2, before[1])
 
 
 async def test_without_a_valid_cache_only_the_database_can_tell(settings_factory: SettingsFactory) -> None:

@@ -418,8 +418,10 @@ def _rules(*patterns: str) -> tuple[Rule, ...]:
 
 
 _BUNDLED_SCREEN = literal_screen(_BUNDLED)
-# Each construct the literal search walks: classes that extend a literal or end it, optional and
-# repeated parts, groups, alternations, anchors, lookarounds, scoped flags, references, dots.
+# Each construct the literal search walks, one rule (and one screen) each, so a wrong literal
+# for one rule is not hidden by another rule's: classes that extend a literal or end it,
+# optional, repeated, possessive and atomic parts, groups, alternations (one branch empty),
+# anchors, lookarounds, conditionals, scoped flags, references, comments.
 _TRICKY = _rules(
     r"\bfull[- ]?auto\b",
     r"(?:ab|cd)+e",
@@ -429,19 +431,25 @@ _TRICKY = _rules(
     r"(?!no)go+d",
     r"^start|end$",
     r"[0-9]{3}-[0-9]{4}",
-    r"a.b",
     r"(?i:MiXeD) CaSe",
-    r"(a|b)(c|d)q",
     r"(ha)\1",
     r"(?:one|t[wW]o|three)?four",
     r"[xy]z[Zz]y",
-    r"qu*[^a]k",
+    r"(?:zebra)?fox",
+    r"(?:zebra)*fox",
+    r"(?:zebra){0,3}fox",
+    r"(?>lion)king",
+    r"(?:tiger)++moth",
+    r"(cat)?(?(1)dog|emu)",
+    r"bird|",
+    r"wolf(?#a comment)hound",
+    r"(?:owl|)bat",
 )
-_TRICKY_SCREEN = literal_screen(_TRICKY)
+_TRICKY_SCREENS = [(rule, literal_screen((rule,))) for rule in _TRICKY]
 _TRICKY_WORDS = st.sampled_from(
     ["full", "-", " ", "auto", "ab", "cd", "e", "x", "yz", "SECRET", "secret", "key", "pre", "fix", "no", "go", "o",
-     "d", "start", "end", "\n", "123", "4567", "a", "b", "c", "q", "MIXED", "case", "ha", "one", "TWO", "four",
-     "z", "Z", "y", "qu", "k", "%"]
+     "d", "start", "end", "\n", "123", "4567", "MIXED", "case", "ha", "one", "TWO", "four", "z", "Z", "y", "zebra",
+     "fox", "lion", "king", "tiger", "moth", "cat", "dog", "emu", "bird", "wolf", "hound", "owl", "bat", "%"]
 )  # fmt: skip
 
 
@@ -456,10 +464,23 @@ _TRICKY_WORDS = st.sampled_from(
 )
 def test_the_literal_screen_clears_only_texts_no_rule_matches(text: str) -> None:
     assert _BUNDLED_SCREEN is not None
-    assert _TRICKY_SCREEN is not None
-    for rules, screen in ((_BUNDLED, _BUNDLED_SCREEN), (_TRICKY, _TRICKY_SCREEN)):
-        if any(rule.pattern.search(text) for rule in rules):
-            assert screen.may_match(text), [rule.pattern.pattern for rule in rules if rule.pattern.search(text)]
+    if any(rule.pattern.search(text) for rule in _BUNDLED):
+        assert _BUNDLED_SCREEN.may_match(text)
+    for rule, screen in _TRICKY_SCREENS:
+        if screen is not None and rule.pattern.search(text):
+            assert screen.may_match(text), (rule.pattern.pattern, screen)
+
+
+def test_the_literal_screen_takes_no_literal_from_an_optional_part() -> None:
+    # `zebra` is the longest literal in these patterns, and no match needs it.
+    for pattern in (r"(?:zebra)?fox", r"(?:zebra)*fox", r"(?:zebra){0,3}fox", r"(?:owl|)bat"):
+        screen = literal_screen(_rules(pattern))
+        assert screen is not None
+        assert screen.literals in (("fox",), ("bat",))
+    # a conditional offers no literal, and a rule with a group reference cannot join the rest's pattern
+    assert literal_screen(_rules(r"(cat)?(?(1)dog|emu)")) is None
+    assert literal_screen(_rules("bird|")) is None  # the empty branch matches anything: no literal
+    assert literal_screen(_rules(r"a.b")) is None  # a one-letter literal would let nearly every text through
 
 
 def test_the_literal_screen_picks_rare_literals_and_keeps_a_scan_for_the_rules_without() -> None:
@@ -476,6 +497,18 @@ def test_the_literal_screen_picks_rare_literals_and_keeps_a_scan_for_the_rules_w
     assert screen.may_match("Ways to hurt MYSELF")  # lower-cased before the search
     assert not screen.may_match("Hello! Could you tell me what the weather is usually like in Lisbon in May?")
     assert literal_screen(_rules(r"caf\u00e9")) is None  # non-ASCII rules: Unicode case folding is not lower()
+
+
+class _NotToBeCalled:
+    def search(self, text: str) -> None:
+        raise AssertionError(f"the regex pre-filter ran on {text!r}")
+
+
+def test_a_clean_ascii_text_never_reaches_the_regex_prefilter() -> None:
+    detector = RulesDetector(DEFAULT_RULES_FILE)
+    detector._any_ascii = _NotToBeCalled()  # type: ignore[assignment]
+    clean = "Hello! Could you tell me what the weather is usually like in Lisbon in May?"
+    assert detector.check_now(UserInput(texts=(clean,))) is None
 
 
 def test_the_bundled_rules_screen_clears_the_usual_chat_and_still_flags() -> None:

@@ -10,7 +10,7 @@ from loadtests.harness import gateway_env
 
 
 def test_gateway_env_settings_override_the_defaults(tmp_path: Path) -> None:
-    # bench's --gateway-env GATEWAY_LOG_LEVEL=warning once failed with "multiple values"
+    # Settings passed here once collided with the defaults ("got multiple values for keyword argument").
     env = gateway_env(8001, "http://u/v1", "token", tmp_path, None, GATEWAY_HOST="0.0.0.0", GATEWAY_LOG_LEVEL="warning")
     assert env["GATEWAY_HOST"] == "0.0.0.0"
     assert env["GATEWAY_LOG_LEVEL"] == "warning"

@@ -539,7 +539,7 @@ class FailingLocally:
     cost = 0
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
-        return self.check_now(user_input)
+        raise AssertionError("the middleware awaited check() of a LocalDetector")
 
     def check_now(self, user_input: UserInput) -> Verdict | None:
         raise DetectorFailed("the rules could not be read")
@@ -549,7 +549,7 @@ class FailingLocally:
 async def test_a_failing_local_detector_follows_the_failure_mode(
     store: Store, rules: RulesDetector, with_remote: bool
 ) -> None:
-    # Only local detectors: judged without a coroutine; with a remote one: in the general loop.
+    # A LocalDetector is judged by check_now, never awaited, alone or before a remote detector.
     inner = Inner()
     remote: list[Detector] = [Recording()] if with_remote else []
     closed = middleware(inner, store, [FailingLocally(), rules, *remote])
