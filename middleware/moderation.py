@@ -160,26 +160,13 @@ class ModerationMiddleware:
             await self.app(scope, receive, send)
             return
 
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large()
-        message = await receive()
-        body: bytes | None
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            body = message.get("body", b"")  # the whole body in one message: the usual case
-            if len(body) > self.max_body_bytes:
-                raise self._too_large()
-        else:
-            body = await self._read_body(message, receive)
+        body = await self._read_body(headers.get(b"content-length"), receive)
         if body is None:
             note["decision"] = "disconnected"
             return
         request = _json_object(headers.get(b"content-encoding"), body)
         user_input = extract_user_input(route, request)
-        if not user_input:
-            verdict, failed_open = None, False
-        else:
-            verdict, failed_open = await self._moderate(user_input, headers.get(b"authorization"))
+        verdict, failed_open = await self._moderate(user_input, headers.get(b"authorization"))
         if failed_open:
             decision = "fail_open"
 
@@ -269,11 +256,15 @@ class ModerationMiddleware:
         BLOCKED_REQUESTS.inc()
         return _Refused("blocked", _blocked_error(block, "This user is blocked"))
 
-    async def _read_body(self, message: Message, receive: Receive) -> bytes | None:
-        """The whole request body from its first `message` on, or None if the client went away first."""
+    async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes | None:
+        """The whole request body (`declared`: its Content-Length), or None if the client went away first."""
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
         chunks: list[bytes] = []
         size = 0
-        while True:
+        more = True
+        while more:
+            message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -281,9 +272,8 @@ class ModerationMiddleware:
             if size > self.max_body_bytes:
                 raise self._too_large()
             chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-            message = await receive()
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
     def _too_large(self) -> _Refused:
         return _Refused(
@@ -297,6 +287,8 @@ class ModerationMiddleware:
 
     async def _moderate(self, user_input: UserInput, raw_authorization: bytes | None) -> tuple[Verdict | None, bool]:
         """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
+        if not user_input:
+            return None, False
         authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
         failed_open = False
         for detector, check_now, timer in self._steps:
