@@ -194,6 +194,19 @@ def test_request_headers_are_filtered(mock: MockUpstream) -> None:
     assert "Content-Type" not in headers  # aiohttp adds none of its own
 
 
+def test_redirects_and_cookies_are_the_clients_business(mock: MockUpstream) -> None:
+    """A 3xx goes back to the client as it came, Set-Cookie included; the gateway follows none and replays no cookie."""
+    with gateway(mock.url) as (url, _), httpx2.Client(follow_redirects=False) as client:
+        moved = client.get(f"{url}/v1/files", headers={"X-Mock": "redirect", "X-User-ID": "eve"})
+        client.cookies.clear()
+        after = client.get(f"{url}/v1/files", headers={"X-Mock": "echo", "X-User-ID": "eve"})
+    assert (moved.status_code, moved.headers["Location"], moved.text) == (307, "/v1/models", "moved")
+    assert moved.headers["Set-Cookie"] == "upstream-session=s1; Path=/"
+    assert [request.path for request in mock.requests] == ["/v1/files", "/v1/files"]  # /v1/models never asked
+    assert after.status_code == 200
+    assert "Cookie" not in mock.requests[-1].headers
+
+
 def test_no_header_is_added_that_the_client_did_not_send(mock: MockUpstream) -> None:
     """aiohttp would add User-Agent, Accept, Accept-Encoding and a Content-Type of its own: none goes upstream."""
     with gateway(mock.url) as (url, _):

@@ -33,6 +33,7 @@ A spec is a comma list of tokens:
 - `gzip`: the JSON answer is gzip-compressed, with `Content-Encoding: gzip`.
 - `echo`: answer JSON `{"method", "path", "query", "headers": [[name, value], ...], "body"}`.
 - `large=N`: answer N bytes of `application/octet-stream` (a repeating pattern).
+- `redirect`: answer `307` with `Location: /v1/models` and `Set-Cookie: upstream-session=s1`.
 - `hop-headers`: a JSON answer also carries hop-by-hop headers (`Connection: keep-alive,
   X-Upstream-Hop`, `X-Upstream-Hop`, `Keep-Alive`) and an end-to-end `X-End-To-End: 1`.
 
@@ -211,6 +212,9 @@ class MockUpstream:
             await asyncio.Event().wait()
         if "slow-headers" in behaviour:
             await asyncio.sleep(float(behaviour["slow-headers"]))
+        if "redirect" in behaviour:
+            headers = {"Location": "/v1/models", "Set-Cookie": "upstream-session=s1; Path=/"}
+            return web.Response(status=307, headers=headers, text="moved")
         if "status" in behaviour:
             status = int(behaviour["status"])
             return _error(status, f"the mock upstream answers {status}")
