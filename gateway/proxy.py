@@ -374,7 +374,7 @@ class Upstream:
         while True:
             data: Any = self._body_stream(first, receive, call) if call.body_done is not None else first or None
             try:
-                response = await _send(session, method, url, headers, data, self._timeout)
+                response = await send_upstream(session, method, url, headers, data, self._timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Nothing reached the upstream: safe to send again if the body can be replayed.
                 if attempt < len(_RETRY_BACKOFF) and not call.started:
@@ -495,7 +495,7 @@ _NO_TIMER = TimerNoop()  # the session has no total timeout: sock_connect and so
 _EMPTY_BODY_METHODS = frozenset({"HEAD"})  # their answers carry no body whatever they announce
 
 
-async def _send(
+async def send_upstream(
     session: aiohttp.ClientSession,
     method: str,
     url: URL,

@@ -54,6 +54,7 @@ COMPLETION = (
     '"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":9,"total_tokens":39}}'
 )
 BLOCKED_USERS = 50  # blocked before the run, so the gateway's block cache is not empty
+FLOOR_HOP = ["session"]  # --floor-hop: how the floor makes its upstream call
 GATEWAY_ENV: dict[str, str] = {}  # --gateway-env: settings on top of the benchmark's own
 
 
@@ -174,7 +175,7 @@ def _servers(
     if "floor" in targets:
         port = free_port()
         command = [*wrap.get("floor", []), sys.executable, "-m", "loadtests.floor_proxy", "--port", str(port)]
-        command += ["--upstream", upstream]
+        command += ["--upstream", upstream, "--hop", FLOOR_HOP[0]]
         servers.pids["floor"] = stack.enter_context(_process(command, scratch / "floor.log", PROXY_CORE))
         servers.urls["floor"] = f"http://127.0.0.1:{port}"
     if "gateway" in targets:
@@ -683,6 +684,12 @@ def main() -> int:
         metavar="GATEWAY_NAME=value",
         help="a setting for the gateway on top of the benchmark's (repeatable), e.g. GATEWAY_LOG_LEVEL=warning",
     )
+    parser.add_argument(
+        "--floor-hop",
+        choices=["session", "lean"],
+        default="session",
+        help="the floor's upstream call: session.request (the floor) or the gateway's own lean call",
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds per mode: a self-check, no figures")
     parser.add_argument("--results", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -691,6 +698,7 @@ def main() -> int:
         if not equals or not name.startswith("GATEWAY_"):
             parser.error(f"--gateway-env {item!r}: expected GATEWAY_NAME=value")
         GATEWAY_ENV[name] = value
+    FLOOR_HOP[0] = args.floor_hop
     if args.quick:
         args.rates, args.seconds, args.repeat = "100", 2, 1
         args.streams, args.soak_requests, args.soak_rate = 10, 1000, 100
