@@ -150,6 +150,18 @@ class _ProxyRequest(aiohttp.ClientRequest):
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         self._skip_auto_headers = _SKIPPED
 
+    def update_headers(self, headers: Any) -> None:
+        # aiohttp copies the headers one by one in a Python loop, Host first; the proxy's are
+        # already a CIMultiDict without Host (it is dropped from the client's): the same
+        # headers in the same order, copied in one C call.
+        if not isinstance(headers, CIMultiDict) or "Host" in headers:
+            super().update_headers(headers)
+            return
+        host = self.url.host_port_subcomponent
+        assert host is not None  # an absolute URL
+        self.headers = CIMultiDict(Host=host)
+        self.headers.extend(headers)
+
 
 class Upstream:
     """The ASGI app mounted at /v1: forwards every call to `settings.upstream_url`.

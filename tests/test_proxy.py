@@ -186,6 +186,7 @@ def test_request_headers_are_filtered(mock: MockUpstream) -> None:
     assert headers.get("Connection", "keep-alive") == "keep-alive"  # aiohttp's own, if any
     assert headers["Authorization"] == "Bearer sk-upstream"
     assert headers["Host"] == f"127.0.0.1:{mock.port}"
+    assert next(iter(headers)) == "Host"  # first, as RFC 9110 asks of clients
     assert headers["OpenAI-Organization"] == "org-1"
     assert headers["OpenAI-Beta"] == "assistants=v2"
     assert headers["User-Agent"] == "my-client/1.0"

@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Any
 
 import httpx2
@@ -89,3 +90,56 @@ def test_large_bodies_and_keep_alive_still_work(url: str) -> None:
     assert big.json() == {"length": 1_000_000}
     assert small.json() == {"length": 10}
     assert again.json() == {"length": 1}
+
+
+def test_headers_trickling_in_still_meet_their_deadline(url: str) -> None:
+    # The deadline counts from the request's first byte, not from the last one: a slow drip is cut too.
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /echo HTTP/1.1\r\n")
+        with suppress(OSError):  # the gateway may close while we still write
+            for _ in range(20):
+                time.sleep(0.05)
+                sock.sendall(b"X: y\r\n")
+        status, body = _reply(sock)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert body["error"]["code"] == "request_timeout"
+    assert time.monotonic() - started < 1.5
+
+
+def test_oversized_headers_in_many_chunks_get_431(url: str) -> None:
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+        with suppress(OSError):
+            for _ in range(10):
+                sock.sendall(b"X-Part: " + b"a" * 1000 + b"\r\n")
+                time.sleep(0.01)
+        status, body = _reply(sock)
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert body["error"]["code"] == "request_headers_too_large"
+
+
+def test_a_pipelined_request_whose_headers_stop_gets_408_after_the_first_answer(url: str) -> None:
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" + b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200")
+    assert b'{"length":3}' in rest
+    assert b"HTTP/1.1 408 Request Timeout" in rest
+
+
+def test_a_body_arriving_slowly_but_steadily_is_not_cut(url: str) -> None:
+    # Silence is what the body timeout measures: pauses shorter than it, however many, are fine.
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+        for _ in range(8):
+            time.sleep(0.1)  # 0.8 s in all, well past the 0.3 s timeout, never silent that long
+            sock.sendall(b"x")
+        status, body = _reply(sock)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert body == {"length": 8}
