@@ -289,7 +289,6 @@ class ModerationMiddleware:
         """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
         if not user_input:
             return None, False
-        authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
         failed_open = False
         for detector, check_now, timer in self._steps:
             started = perf_counter()
@@ -297,6 +296,7 @@ class ModerationMiddleware:
                 if check_now is not None:
                     verdict = check_now(user_input)
                 else:
+                    authorization = raw_authorization.decode("latin-1") if raw_authorization is not None else None
                     verdict = await detector.check(user_input, authorization)
             except DetectorFailed as exc:
                 self._failures[detector.name].inc()
