@@ -82,13 +82,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._counting = False
             self._header_bytes = 0
             self._arm(self.body_idle_timeout)
-        elif self._deadline is not None or not self._counting:
+        else:
             # The request is complete; the next bytes start another one's headers.
             self._counting = True
             self._header_bytes = 0
             self._deadline = None  # the timer stays pending; with no deadline it ends when it fires
-        else:
-            self._header_bytes = 0
 
     def _arm(self, seconds: float) -> None:
         deadline = self.loop.time() + seconds
