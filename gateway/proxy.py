@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import aiohttp
-from aiohttp.helpers import TimerNoop
+from aiohttp.helpers import EMPTY_BODY_METHODS, TimerNoop
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -504,7 +504,6 @@ class Upstream:
 
 
 _NO_TIMER = TimerNoop()  # the session has no total timeout: sock_connect and sock_read do the work
-_EMPTY_BODY_METHODS = frozenset({"HEAD"})  # their answers carry no body whatever they announce
 
 
 async def send_upstream(
@@ -539,7 +538,7 @@ async def send_upstream(
     assert protocol is not None
     protocol.set_response_params(
         timer=_NO_TIMER,
-        skip_payload=method in _EMPTY_BODY_METHODS,
+        skip_payload=method in EMPTY_BODY_METHODS,  # HEAD: no body, whatever is announced
         read_until_eof=True,
         auto_decompress=False,
         read_timeout=timeouts.sock_read,
