@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -96,16 +98,20 @@ def _v1_error(scope: Scope, exc: Exception) -> GatewayError:
 
 
 class _Mounted:
-    """What `Mount("/v1", app)` does to the scope before calling its app, without the routing."""
+    """What `Mount("/v1", app)` does to the scope before calling its app, without the routing.
+
+    A plain function returning the app's awaitable, not a coroutine of its own: each coroutine
+    layer between the server and the proxy is made, awaited through and torn down per request.
+    """
 
     def __init__(self, app: ASGIApp, prefix: str) -> None:
         self.app = app
         self.prefix = prefix
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         scope["app_root_path"] = scope.get("app_root_path", "")
         scope["root_path"] = self.prefix
-        await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 class GatewayApp(Starlette):
@@ -117,9 +123,13 @@ class GatewayApp(Starlette):
     Everything else, and /v1 under a server root_path, goes through Starlette as before.
     """
 
-    v1: ASGIApp | None = None
+    v1: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    # Returns the coroutine of the app it picks (the server awaits it) instead of awaiting it in
+    # a coroutine of its own, as _Mounted does; marked so that servers telling ASGI 3 from
+    # ASGI 2 by `inspect.iscoroutinefunction` (uvicorn does) still see an ASGI 3 app.
+    @inspect.markcoroutinefunction
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
         v1 = self.v1
         if (
             v1 is not None
@@ -128,9 +138,8 @@ class GatewayApp(Starlette):
             and not scope.get("root_path")
         ):
             scope["app"] = self
-            await v1(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
+            return v1(scope, receive, send)
+        return super().__call__(scope, receive, send)
 
 
 def _mount(path: str, app: ASGIApp) -> Mount:

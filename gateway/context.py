@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from random import getrandbits
 from time import perf_counter
 
@@ -114,13 +114,14 @@ class RequestContextMiddleware:
         status = 500
         first_byte = 0.0
 
-        async def send_with_id(message: Message) -> None:
+        def send_with_id(message: Message) -> Awaitable[None]:
+            # Hands back the server's own awaitable: a coroutine here would be one more per message.
             nonlocal status, first_byte
             if message["type"] == "http.response.start":
                 status = message["status"]
                 first_byte = perf_counter() - started
                 message["headers"] = [*message.get("headers", ()), (_REQUEST_ID, request_id_bytes)]
-            await send(message)
+            return send(message)
 
         _in_flight.value += 1
         token = REQUEST_ID.set(request_id)

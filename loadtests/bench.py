@@ -207,13 +207,20 @@ def _servers(
     return servers
 
 
+def _alive(pid: int) -> bool:
+    """False once `pid` has exited, reaped or not (an unreaped child is a zombie until waited for)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _wait_pid(url: str, pid: int, name: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise BenchFailed(f"{name} exited before answering {url}; see its log in the scratch dir") from None
+        if not _alive(pid):
+            raise BenchFailed(f"{name} exited before answering {url}; see its log in the scratch dir")
         try:
             with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (loopback URL we built)
                 return

@@ -14,7 +14,7 @@ import hmac
 import posixpath
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any, Literal
@@ -116,94 +116,93 @@ class ModerationMiddleware:
         self.prefix = prefix + "/"
         self.routes = {(prefix + suffix).lower(): route for suffix, route in _ROUTES.items()}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function handing back one awaitable: each coroutine layer costs every request.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         path = _app_path(scope)
         if not path.startswith(self.prefix):
-            await self.app(scope, receive, send)
-            return
-
+            return self.app(scope, receive, send)
         state = scope.get("state")
         # the access log reads these; without a state dict they go nowhere
         note: dict[str, Any] = state if isinstance(state, dict) else {}
+        return self._call(scope, receive, send, path, note)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send, path: str, note: dict[str, Any]) -> None:
         try:
-            await self._call(scope, receive, send, path, note)
+            headers = _first_values(scope["headers"])
+            user_id = self._user_id(headers.get(self.user_header_key))
+            note["user_id"] = user_id
+            known, block = self.store.cached_block(user_id)
+            if not known:
+                decision = await self._check_block(user_id)
+            elif block is not None:
+                raise self._blocked(block)
+            else:
+                decision = "allow"
+
+            # Match the route as an upstream would see it: a trailing slash or `//` must not skip moderation.
+            # A path that is already a route's own spelling (the usual case) needs no normalising.
+            route_path = path
+            route = None
+            if scope["method"] == "POST":
+                route = self.routes.get(path)
+                if route is None:
+                    route_path = posixpath.normpath(_SLASHES.sub("/", path)).lower()
+                    route = self.routes.get(route_path)
+            if route is None:
+                note["decision"] = decision
+                await self.app(scope, receive, send)
+                return
+
+            body = await self._read_body(headers.get(b"content-length"), receive)
+            if body is None:
+                note["decision"] = "disconnected"
+                return
+            request = _json_object(headers.get(b"content-encoding"), body)
+            user_input = extract_user_input(route, request)
+            verdict, failed_open = await self._moderate(user_input, headers.get(b"authorization"))
+            if failed_open:
+                decision = "fail_open"
+
+            forward = send
+            if verdict is not None:
+                violation = Violation(verdict=verdict, path=route_path)
+                shadow = self.enforcement == "shadow"
+                for category in verdict.categories:
+                    VIOLATIONS.labels(category, verdict.detector, "true" if shadow else "false").inc()
+                log.info(
+                    "violation",
+                    user_id=user_id,
+                    path=route_path,
+                    detector=verdict.detector,
+                    categories=list(verdict.categories),
+                    rule=verdict.rule,
+                    shadow=shadow,
+                )
+                if not shadow:
+                    await self._strike(user_id, violation)  # always refuses
+                await self._record_shadow(user_id, violation)
+                decision = "shadow_violation"
+                forward = _adding_header(send, SHADOW_HEADER, ",".join(verdict.categories).encode("latin-1", "replace"))
+
+            if self.safety_salt is not None and "safety_identifier" not in request:
+                identifier = hmac.new(self.safety_salt, user_id.encode(), hashlib.sha256).hexdigest()[:64]
+                body = _add_member(body, request, "safety_identifier", identifier)
+                scope = dict(scope)
+                scope["headers"] = [
+                    *(
+                        (key, value)
+                        for key, value in scope["headers"]
+                        if key not in (b"content-length", b"transfer-encoding")
+                    ),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+            note["decision"] = decision
+            await self.app(scope, _replaying(body, receive), forward)
         except _Refused as refused:
             note["decision"] = refused.decision
             await refused.error.send(send)
-
-    async def _call(self, scope: Scope, receive: Receive, send: Send, path: str, note: dict[str, Any]) -> None:
-        headers = _first_values(scope["headers"])
-        user_id = self._user_id(headers.get(self.user_header_key))
-        note["user_id"] = user_id
-        known, block = self.store.cached_block(user_id)
-        if not known:
-            decision = await self._check_block(user_id)
-        elif block is not None:
-            raise self._blocked(block)
-        else:
-            decision = "allow"
-
-        # Match the route as an upstream would see it: a trailing slash or `//` must not skip moderation.
-        # A path that is already a route's own spelling (the usual case) needs no normalising.
-        route_path = path
-        route = None
-        if scope["method"] == "POST":
-            route = self.routes.get(path)
-            if route is None:
-                route_path = posixpath.normpath(_SLASHES.sub("/", path)).lower()
-                route = self.routes.get(route_path)
-        if route is None:
-            note["decision"] = decision
-            await self.app(scope, receive, send)
-            return
-
-        body = await self._read_body(headers.get(b"content-length"), receive)
-        if body is None:
-            note["decision"] = "disconnected"
-            return
-        request = _json_object(headers.get(b"content-encoding"), body)
-        user_input = extract_user_input(route, request)
-        verdict, failed_open = await self._moderate(user_input, headers.get(b"authorization"))
-        if failed_open:
-            decision = "fail_open"
-
-        if verdict is not None:
-            violation = Violation(verdict=verdict, path=route_path)
-            shadow = self.enforcement == "shadow"
-            for category in verdict.categories:
-                VIOLATIONS.labels(category, verdict.detector, "true" if shadow else "false").inc()
-            log.info(
-                "violation",
-                user_id=user_id,
-                path=route_path,
-                detector=verdict.detector,
-                categories=list(verdict.categories),
-                rule=verdict.rule,
-                shadow=shadow,
-            )
-            if not shadow:
-                await self._strike(user_id, violation)  # always refuses
-            await self._record_shadow(user_id, violation)
-            decision = "shadow_violation"
-            send = _adding_header(send, SHADOW_HEADER, ",".join(verdict.categories).encode("latin-1", "replace"))
-
-        if self.safety_salt is not None and "safety_identifier" not in request:
-            identifier = hmac.new(self.safety_salt, user_id.encode(), hashlib.sha256).hexdigest()[:64]
-            body = _add_member(body, request, "safety_identifier", identifier)
-            scope = dict(scope)
-            scope["headers"] = [
-                *(
-                    (key, value)
-                    for key, value in scope["headers"]
-                    if key not in (b"content-length", b"transfer-encoding")
-                ),
-                (b"content-length", str(len(body)).encode()),
-            ]
-        note["decision"] = decision
-        await self.app(scope, _replaying(body, receive), send)
 
     def _user_id(self, raw: bytes | None) -> str:
         if raw is None:

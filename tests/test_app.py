@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import uvicorn
 
 from gateway.app import create_app
 from gateway.context import route_label
@@ -41,6 +43,16 @@ def test_health_readiness_and_metrics(settings_factory: SettingsFactory, upstrea
     assert 'gateway_requests_total{method="GET",route="/v1/models",status="200"}' in text
     assert "gateway_upstream_duration_seconds_bucket" in text
     assert "gateway_requests_in_flight" in text
+
+
+def test_servers_see_an_asgi3_app(settings_factory: SettingsFactory) -> None:
+    # GatewayApp.__call__ returns the coroutine of the app it picks instead of being one: servers
+    # that tell ASGI 3 from ASGI 2 by inspect.iscoroutinefunction must still see ASGI 3.
+    app = create_app(settings_factory())
+    assert inspect.iscoroutinefunction(app.__call__)
+    config = uvicorn.Config(app)
+    config.load()
+    assert config.interface == "asgi3"
 
 
 def test_request_ids(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
