@@ -9,14 +9,16 @@ circuit breaker (CONTRACT.md sections 3 and 4, ARCHITECTURE.md decisions 1, 3 an
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import EMPTY_BODY_METHODS, TimerNoop
 from multidict import CIMultiDict
 from yarl import URL
@@ -163,6 +165,59 @@ class _ProxyRequest(aiohttp.ClientRequest):
         self.headers.extend(headers)
 
 
+class _ResponseHandler(ResponseHandler):
+    """aiohttp's response protocol, its read timeout (sock_read) kept by one lazy timer.
+
+    aiohttp cancels its read timer and makes a new one whenever the request is sent and
+    whenever a chunk arrives, and cancels it again at the body's end: two timers made and two
+    cancelled for a short answer, each a libuv call (about 4,000 instructions a request in all).
+    Here those moments only move a deadline (a float) or clear it; one timer per connection,
+    when it fires, acts if the deadline has passed, sleeps again until the deadline if it
+    moved, or ends if it was cleared. Same answer: the read fails when the upstream sent
+    nothing for sock_read seconds while an answer was awaited.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._read_deadline: float | None = None
+        self._read_timer_at = 0.0
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._read_deadline = None
+            return
+        deadline = self._loop.time() + timeout
+        self._read_deadline = deadline
+        handle = self._read_timeout_handle
+        if handle is None or self._read_timer_at > deadline:  # none armed, or armed too late (a shorter timeout)
+            if handle is not None:
+                handle.cancel()
+            self._read_timer_at = deadline
+            self._read_timeout_handle = self._loop.call_at(deadline, self._read_timer_fired)
+
+    def _drop_timeout(self) -> None:
+        self._read_deadline = None  # an armed timer finds nothing to do
+
+    def _read_timer_fired(self) -> None:
+        self._read_timeout_handle = None
+        deadline = self._read_deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._read_timer_at = deadline
+            self._read_timeout_handle = self._loop.call_at(deadline, self._read_timer_fired)
+            return
+        self._read_deadline = None
+        self._on_read_timeout()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._read_timeout_handle is not None:  # a closed connection holds no timer
+            self._read_timeout_handle.cancel()
+            self._read_timeout_handle = None
+
+
 class Upstream:
     """The ASGI app mounted at /v1: forwards every call to `settings.upstream_url`.
 
@@ -197,6 +252,11 @@ class Upstream:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self._max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_SECONDS
+        )
+        # the connector makes its connections' protocols with this (aiohttp internals, pinned)
+        connector._factory = cast(
+            "functools.partial[ResponseHandler]",
+            functools.partial(_ResponseHandler, loop=asyncio.get_running_loop()),
         )
         session = aiohttp.ClientSession(
             connector=connector,

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from gateway.proxy import Upstream
+from gateway.proxy import Upstream, _ResponseHandler
 from gateway.settings import Settings
 from middleware.protocols import DetectorFailed
 from tests.servers import run_app
@@ -400,6 +400,55 @@ def test_stalled_sse_ends_with_an_error_event(mock: MockUpstream) -> None:
             received.extend(stream)
     assert len(received) == 2
     assert caught.value.code == "upstream_timeout"
+
+
+def test_read_timeout_bounds_silence_not_the_whole_answer(mock: MockUpstream) -> None:
+    # Chunks 0.15 s apart for about 1 s under a 0.4 s read timeout: each chunk moves the deadline.
+    mock.chunks = 6
+    with gateway(mock.url, read_timeout=0.4) as (url, _):
+        started = time.monotonic()
+        stream = sdk(url).chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"X-Mock": "delay=0.15"},
+        )
+        received = list(stream)
+        elapsed = time.monotonic() - started
+    assert len(received) == 7  # six pieces and the final chunk: nothing cut
+    assert elapsed > 0.8
+
+
+async def test_read_timer_is_one_lazy_timer_per_connection() -> None:
+    loop = asyncio.get_running_loop()
+    handler = _ResponseHandler(loop)
+    handler.set_response_params(read_timeout=0.2)
+    fired: list[float] = []
+    handler._on_read_timeout = lambda: fired.append(loop.time())  # type: ignore[method-assign]
+    started = loop.time()
+    handler.start_timeout()
+    timer = handler._read_timeout_handle
+    await asyncio.sleep(0.1)
+    handler._reschedule_timeout()  # a chunk arrived: the deadline moves, the timer stays
+    assert handler._read_timeout_handle is timer
+    await asyncio.sleep(0.15)  # the first deadline has passed: the timer slept again
+    assert fired == []
+    await asyncio.sleep(0.1)
+    assert len(fired) == 1
+    assert fired[0] - started >= 0.3  # 0.2 s of silence after the last chunk
+    handler.start_timeout()
+    handler._drop_timeout()  # the answer ended: nothing fires
+    await asyncio.sleep(0.25)
+    assert len(fired) == 1
+    handler.set_response_params(read_timeout=0.05)
+    handler.start_timeout()
+    handler.set_response_params(read_timeout=0.01)  # a shorter timeout is not held up by a later timer
+    handler.start_timeout()
+    await asyncio.sleep(0.03)
+    assert len(fired) == 2
+    handler.start_timeout()
+    handler.connection_lost(None)  # a closed connection keeps no timer
+    assert handler._read_timeout_handle is None
 
 
 def test_sse_dropped_mid_stream_ends_with_an_error_event(mock: MockUpstream) -> None:
