@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from gateway.proxy import Upstream, _ResponseHandler
+from gateway.proxy import Upstream, _Call, _ResponseHandler, _WatchList
 from gateway.settings import Settings
 from middleware.protocols import DetectorFailed
 from tests.servers import run_app
@@ -513,6 +513,52 @@ def test_client_disconnect_before_headers_closes_upstream(mock: MockUpstream) ->
         left = time.monotonic()
         assert mock.disconnected.wait(3)
     assert mock.disconnect_times[0] - left < 1.0
+
+
+class _CountingLoop:
+    """The running loop, counting the timers armed through it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.timers = 0
+
+    def time(self) -> float:
+        return self.loop.time()
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self.loop.call_at(when, callback, *args)
+
+
+async def test_watch_list_watches_only_calls_still_running() -> None:
+    loop = _CountingLoop(asyncio.get_running_loop())
+    watchlist = _WatchList(after=0.05)
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    calls = [_Call(None, receive, task) for _ in range(200)]
+    for call in calls:
+        watchlist.add(call, loop)  # type: ignore[arg-type]
+    for call in calls[::2]:
+        call.unwatch()  # these ended before their moment
+    assert [call.watcher for call in calls] == [None] * 200
+    await asyncio.sleep(0.12)
+    assert all(call.watcher is None for call in calls[::2])
+    assert all(call.watcher is not None for call in calls[1::2])
+    assert loop.timers <= 3  # not a timer per call
+    late = _Call(None, receive, task)
+    watchlist.add(late, loop)  # type: ignore[arg-type]
+    await asyncio.sleep(0.02)
+    assert late.watcher is None  # not before its moment
+    await asyncio.sleep(0.08)
+    assert late.watcher is not None
+    for call in [*calls, late]:
+        call.unwatch()
+    watchlist.close()
 
 
 def test_circuit_opens_then_a_trial_closes_it() -> None:
