@@ -34,7 +34,9 @@ class _UtcClock:
     """ISO 8601 UTC timestamps with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes them.
 
     The date and time of day are formatted once per second: `datetime.now(UTC).isoformat()`
-    cost 3.7 µs a line on the benchmark machine, this 0.8 µs.
+    cost 3.7 µs a line on the benchmark machine, this under 0.8 µs. The microseconds are the
+    last six digits of the count of microseconds since the epoch, zeros included: slicing its
+    decimal string costs a fifth less than formatting the float's fraction with `:06d`.
     """
 
     def __init__(self) -> None:
@@ -42,12 +44,12 @@ class _UtcClock:
         self._prefix = ""
 
     def now(self) -> str:
-        now = time.time()
-        second = int(now)
+        micros = time.time_ns() // 1000
+        second = micros // 1_000_000
         if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
             self._second = second
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return self._prefix + str(micros)[-6:] + "Z"
 
 
 utc_clock = _UtcClock()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
-from gateway.logs import _AccessLog, utc_clock
+from gateway.logs import _AccessLog, _UtcClock, utc_clock
 
 FIELDS = {"request_id": "req-1", "user_id": "alice", "status": 200}
 
@@ -66,6 +67,18 @@ def test_no_lines_when_disabled(log: _AccessLog) -> None:
     log.enabled = False
     log.write(dict(FIELDS))
     assert stream.getvalue() == b""
+
+
+@pytest.mark.parametrize(
+    "nanoseconds",
+    [1_700_000_000_000_000_000, 1_700_000_000_000_001_999, 1_700_000_000_999_999_000, 1_700_000_001_000_000_000],
+)
+def test_the_clock_agrees_with_datetime(monkeypatch: pytest.MonkeyPatch, nanoseconds: int) -> None:
+    # The microseconds are cut from the count's digits: leading zeros and second boundaries must survive.
+    clock = _UtcClock()
+    monkeypatch.setattr(time, "time_ns", lambda: nanoseconds)
+    expected = datetime.fromtimestamp(nanoseconds // 1000 / 1_000_000, UTC).isoformat(timespec="microseconds")
+    assert clock.now() == expected.replace("+00:00", "Z")
 
 
 def test_the_clock_writes_iso_utc_with_microseconds() -> None:
