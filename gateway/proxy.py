@@ -260,7 +260,8 @@ class _ResponseHandler(ResponseHandler):
         deadline = self._read_deadline
         if deadline is None:
             return
-        if self._loop.time() < deadline:
+        # uvloop's clock ticks in milliseconds: a deadline this close counts as reached (no spin).
+        if deadline > self._loop.time() + 0.005:
             self._read_timer_at = deadline
             self._read_timeout_handle = self._loop.call_at(deadline, self._read_timer_fired)
             return
