@@ -13,6 +13,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.timers import LazyDeadline
 from middleware.errors import error_body
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -44,16 +45,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._header_scope: object = None  # the scope whose header deadline is armed
         # One lazy timer per connection: chunks move a deadline (a float), and the timer, when it
         # fires, either acts or sleeps again until the current deadline.
-        self._deadline: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
+        self._deadline = LazyDeadline(self.loop, self._too_slow)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self.header_timeout)
+        self._deadline.set_in(self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self._deadline.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -76,47 +75,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             elif self._header_scope is not scope:  # its deadline runs from its first chunk
                 self._header_scope = scope
                 self._counting = True  # (it may have begun in the chunk that ended a long body)
-                self._arm(self.header_timeout)
+                self._deadline.set_in(self.header_timeout)
         elif cycle.more_body and not cycle.response_complete:
             # The body is still coming: each chunk restarts its silence timeout.
             self._counting = False
             self._header_bytes = 0
-            self._arm(self.body_idle_timeout)
+            self._deadline.set_in(self.body_idle_timeout)
         else:
             # The request is complete; the next bytes start another one's headers.
             self._counting = True
             self._header_bytes = 0
-            self._deadline = None  # the timer stays pending; with no deadline it ends when it fires
-
-    def _arm(self, seconds: float) -> None:
-        deadline = self.loop.time() + seconds
-        self._deadline = deadline
-        if self._timer is None or deadline < self._timer_when:
-            self._schedule(deadline)
-
-    def _schedule(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_at(when, self._on_timer)
-        self._timer_when = when
-
-    def _cancel_timer(self) -> None:
-        self._deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        # uvloop's clock ticks in milliseconds: a deadline this close counts as reached (no spin).
-        if deadline > self.loop.time() + 0.005:
-            self._schedule(deadline)
-            return
-        self._deadline = None
-        self._too_slow()
+            self._deadline.clear()  # the timer stays pending; with no deadline it ends when it fires
 
     def _too_slow(self) -> None:
         if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or upgraded
@@ -132,7 +101,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
         # Below the ASGI app, so no middleware adds the usual headers: an OpenAI-shaped body still.
-        self._cancel_timer()
+        self._deadline.cancel()
         body = error_body(code, message, status)
         head = (
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"

@@ -427,10 +427,10 @@ async def test_read_timer_is_one_lazy_timer_per_connection() -> None:
     handler._on_read_timeout = lambda: fired.append(loop.time())  # type: ignore[method-assign]
     started = loop.time()
     handler.start_timeout()
-    timer = handler._read_timeout_handle
+    timer = handler._read_deadline.timer
     await asyncio.sleep(0.1)
     handler._reschedule_timeout()  # a chunk arrived: the deadline moves, the timer stays
-    assert handler._read_timeout_handle is timer
+    assert handler._read_deadline.timer is timer
     await asyncio.sleep(0.15)  # the first deadline has passed: the timer slept again
     assert fired == []
     await asyncio.sleep(0.1)
@@ -448,7 +448,7 @@ async def test_read_timer_is_one_lazy_timer_per_connection() -> None:
     assert len(fired) == 2
     handler.start_timeout()
     handler.connection_lost(None)  # a closed connection keeps no timer
-    assert handler._read_timeout_handle is None
+    assert handler._read_deadline.timer is None
 
 
 def test_sse_dropped_mid_stream_ends_with_an_error_event(mock: MockUpstream) -> None:
