@@ -278,7 +278,7 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
         )
-        self._urls: dict[str, URL] = {}  # upstream URL by request target: most calls go to a few
+        self._urls: dict[tuple[str, bytes | None, bytes], URL] = {}  # by (root path, raw path, query)
         self._watchlist = _WatchList()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -449,17 +449,19 @@ class Upstream:
         root: str = scope.get("root_path", "")
         query: bytes = scope.get("query_string", b"")
         raw: bytes | None = scope.get("raw_path")
+        key = (root, raw, query)
+        url = self._urls.get(key)  # most calls go to a few targets: the work below once each
+        if url is not None:
+            return url
         prefix = root.encode("latin-1")
         if raw is not None and raw.startswith(prefix) and raw.isascii():
             # The client's own percent-encoding, untouched.
             target = raw[len(prefix) :].decode("ascii")
             if query:
                 target += "?" + query.decode("latin-1")
-            url = self._urls.get(target)
-            if url is None:
-                url = URL(self._base + target, encoded=True)
-                if len(self._urls) < _URL_CACHE_SIZE:  # paths are the client's choice: keep only so many
-                    self._urls[target] = url
+            url = URL(self._base + target, encoded=True)
+            if len(self._urls) < _URL_CACHE_SIZE:  # paths are the client's choice: keep only so many
+                self._urls[key] = url
             return url
         path: str = scope["path"]
         rest = path[len(root) :] if path.startswith(root) else path

