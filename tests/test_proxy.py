@@ -522,12 +522,9 @@ class _CountingLoop:
         self.loop = loop
         self.timers = 0
 
-    def time(self) -> float:
-        return self.loop.time()
-
-    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
         self.timers += 1
-        return self.loop.call_at(when, callback, *args)
+        return self.loop.call_later(delay, callback, *args)
 
 
 async def test_watch_list_watches_only_calls_still_running() -> None:
@@ -546,16 +543,19 @@ async def test_watch_list_watches_only_calls_still_running() -> None:
     for call in calls[::2]:
         call.unwatch()  # these ended before their moment
     assert [call.watcher for call in calls] == [None] * 200
-    await asyncio.sleep(0.12)
+    await asyncio.sleep(0.03)
+    assert all(call.watcher is None for call in calls)  # not before the delay
+    await asyncio.sleep(0.1)  # past twice the delay: every call still running is watched
     assert all(call.watcher is None for call in calls[::2])
     assert all(call.watcher is not None for call in calls[1::2])
-    assert loop.timers <= 3  # not a timer per call
+    assert loop.timers == 2  # one tick to age them, one to watch them: not a timer per call
     late = _Call(None, receive, task)
-    watchlist.add(late, loop)  # type: ignore[arg-type]
-    await asyncio.sleep(0.02)
-    assert late.watcher is None  # not before its moment
-    await asyncio.sleep(0.08)
+    watchlist.add(late, loop)  # type: ignore[arg-type]  # the list was idle: it ticks again
+    await asyncio.sleep(0.03)
+    assert late.watcher is None
+    await asyncio.sleep(0.1)
     assert late.watcher is not None
+    assert loop.timers == 4
     for call in [*calls, late]:
         call.unwatch()
     watchlist.close()
