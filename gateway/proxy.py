@@ -157,7 +157,7 @@ class _WatchList:
     """Starts the disconnect watcher of each call still running DISCONNECT_WATCH_AFTER in.
 
     A timer per call (made, then cancelled when the call ends first, as most do) cost about
-    5,000 instructions a call. Here calls go into a list, and one timer ticks every
+    3,000 instructions a call. Here calls go into a list, and one timer ticks every
     DISCONNECT_WATCH_AFTER while there are calls: at each tick the calls of two ticks ago that
     are still running get their watcher, and the list of the last tick takes their place. A
     call is thus watched 1 to 2 times the delay after it started (0.1 to 0.2 s, within the
