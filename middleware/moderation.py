@@ -191,11 +191,7 @@ class ModerationMiddleware:
                 body = _add_member(body, request, "safety_identifier", identifier)
                 scope = dict(scope)
                 scope["headers"] = [
-                    *(
-                        (key, value)
-                        for key, value in scope["headers"]
-                        if key not in (b"content-length", b"transfer-encoding")
-                    ),
+                    *((key, value) for key, value in scope["headers"] if key not in _BODY_FRAMING),
                     (b"content-length", str(len(body)).encode()),
                 ]
             note["decision"] = decision
