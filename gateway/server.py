@@ -31,7 +31,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     body is still coming while that cycle has `more_body`. Overriding the parser callbacks
     instead (begin, headers complete, body, complete), each arming a timer, cost about 16,000
     instructions a request, a fiftieth of the gateway's work; this costs a few hundred, and a
-    timer is armed only when a chunk leaves a request unfinished.
+    timer is armed only when a chunk leaves a request unfinished. The same deadline keeps
+    uvicorn's keep-alive timeout (an idle connection is closed `timeout_keep_alive` seconds after
+    its last response), which uvicorn keeps with a timer made and cancelled per request.
     """
 
     max_header_bytes = MAX_HEADER_BYTES
@@ -87,13 +89,32 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._header_bytes = 0
             self._deadline.clear()  # the timer stays pending; with no deadline it ends when it fires
 
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn's keep-alive timer is not used (see on_response_complete): nothing to cancel.
+        pass
+
+    def on_response_complete(self) -> None:
+        # uvicorn's own, except for the keep-alive: uvicorn makes a timer when each response ends and
+        # cancels it when the next request's first bytes come (a libuv start and stop per request);
+        # here the connection's one deadline moves instead, and `_too_slow` closes an idle connection.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self.cycle is not None and self.cycle.scope is self.scope:
+            # No next request has begun (one that has keeps its header deadline): idle from now.
+            self._deadline.set_in(self.timeout_keep_alive)
+
     def _too_slow(self) -> None:
         if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or upgraded
             return
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
-            # Mid-body (a deadline is set only while one is unfinished): the app is reading it;
-            # closing the connection gives it http.disconnect.
+            # Mid-body (the app is reading it: closing the connection gives it http.disconnect), or
+            # idle after a response for the keep-alive timeout: closed without a word, as uvicorn does.
             self.transport.close()
         elif cycle is None or cycle.response_complete:
             self._refuse(408, "Request Timeout", "request_timeout", "The request headers did not arrive in time.")

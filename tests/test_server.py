@@ -135,3 +135,53 @@ def test_a_body_arriving_slowly_but_steadily_is_not_cut(url: str) -> None:
         status, body = _reply(sock)
     assert status.startswith(b"HTTP/1.1 200")
     assert body == {"length": 8}
+
+
+class CountingProtocol(GatewayHttpProtocol):
+    """Keeps its instances, so a test can look at a connection's timers."""
+
+    made: list[CountingProtocol] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        CountingProtocol.made.append(self)
+
+
+@pytest.fixture
+def keep_alive_url() -> Iterator[str]:
+    CountingProtocol.made.clear()
+    app = Starlette(routes=[Route("/echo", echo_length, methods=["POST"])])
+    with run_app(app, http=CountingProtocol, timeout_keep_alive=1) as base:
+        yield base
+
+
+def _request(sock: socket.socket, body: bytes) -> bytes:
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    data = b""
+    while not data.endswith(b"}"):
+        data += sock.recv(65536)
+    return data
+
+
+def test_an_idle_kept_alive_connection_is_closed_silently_after_the_keep_alive(keep_alive_url: str) -> None:
+    with socket.create_connection(("127.0.0.1", _port(keep_alive_url)), timeout=5) as sock:
+        assert _request(sock, b"abc").endswith(b'{"length":3}')
+        time.sleep(0.5)  # within the keep-alive (1 s): the connection still serves
+        assert _request(sock, b"abcd").endswith(b'{"length":4}')
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # then closed without a word (no 408: no request had begun)
+    assert 0.9 <= time.monotonic() - started < 2.5
+
+
+def test_requests_on_one_connection_make_no_timer_each(keep_alive_url: str) -> None:
+    # uvicorn makes a keep-alive timer when each response ends and cancels it when the next
+    # request comes; here the connection's one deadline moves, and its timer is re-armed only
+    # when the deadline comes nearer (the keep-alive after the header deadline) or when it fires.
+    with socket.create_connection(("127.0.0.1", _port(keep_alive_url)), timeout=5) as sock:
+        timers = set()
+        for size in range(1, 21):
+            assert _request(sock, b"x" * size).endswith(b'{"length":%d}' % size)
+            (protocol,) = CountingProtocol.made
+            timers.add(id(protocol._deadline.timer))
+            assert protocol.timeout_keep_alive_task is None
+    assert len(timers) <= 3  # 20 requests: the first header deadline, the keep-alive, one firing at most
