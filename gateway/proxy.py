@@ -123,7 +123,6 @@ class _Call:
         "body_done",
         "disconnected",
         "finished",
-        "over",
         "receive",
         "started",
         "task",
@@ -133,22 +132,32 @@ class _Call:
 
     def __init__(self, body_done: asyncio.Event | None, receive: Receive, task: asyncio.Task[Any]) -> None:
         self.body_done = body_done  # None: the whole body is already in hand
-        self.receive = receive
-        self.task = task  # the call's own task, cancelled when the client goes away
+        # The request's `receive` (uvicorn's cycle, and through it the scope and the connection)
+        # and the call's own task, cancelled when the client goes away; None once the call returned.
+        self.receive: Receive | None = receive
+        self.task: asyncio.Task[Any] | None = task
         self.started = False  # the body stream began reading from `receive`
         self.disconnected = False
         self.too_large = False
         self.finished = False  # the last body message is being sent
-        self.over = False  # the call returned
         self.watcher: asyncio.Task[None] | None = None
 
     def watch(self) -> None:
         """Start watching for the client leaving (the call is taking a while)."""
-        if self.watcher is None and not self.finished and not self.over:
-            self.watcher = asyncio.get_running_loop().create_task(_watch_disconnect(self))
+        receive, task = self.receive, self.task
+        if self.watcher is None and not self.finished and receive is not None and task is not None:
+            self.watcher = asyncio.get_running_loop().create_task(_watch_disconnect(self, receive, task))
 
     def unwatch(self) -> None:
-        self.over = True
+        """The call returned: stop its watcher, and let go of the request at once.
+
+        The watch list keeps a call until its second tick. Holding the request that long kept
+        every call's objects (its task, uvicorn's cycle, the scope, the headers) alive 0.1 to
+        0.2 s after its answer, hundreds of calls' worth at a few thousand calls a second, all
+        freed together at each tick (0.6 ms a tick at 850 calls a second; 0.1 ms without them).
+        """
+        self.receive = None
+        self.task = None
         if self.watcher is not None:
             self.watcher.cancel()
 
@@ -670,16 +679,16 @@ def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     return headers
 
 
-async def _watch_disconnect(call: _Call) -> None:
+async def _watch_disconnect(call: _Call, receive: Receive, task: asyncio.Task[Any]) -> None:
     # Starlette stops watching for disconnects on ASGI spec >= 2.4, and a silent upstream would
     # hide a gone client: wait for it here and cancel the call (ARCHITECTURE.md decision 3).
     if call.body_done is not None:
         await call.body_done.wait()
     while True:
-        message = await call.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             # uvicorn also reports a disconnect once the response is complete: not a gone client.
             if not call.finished:
                 call.disconnected = True
-                call.task.cancel()
+                task.cancel()
             return

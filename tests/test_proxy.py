@@ -7,6 +7,7 @@ import http.client
 import socket
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
@@ -558,6 +559,31 @@ async def test_watch_list_watches_only_calls_still_running() -> None:
     assert loop.timers == 4
     for call in [*calls, late]:
         call.unwatch()
+    watchlist.close()
+
+
+async def test_a_call_that_ended_lets_go_of_the_request_while_the_watch_list_keeps_it() -> None:
+    # The list keeps a call until its second tick (0.1 to 0.2 s); the request behind it (uvicorn's
+    # cycle through `receive`, the call's task) must not live that long after the answer.
+    watchlist = _WatchList(after=60)
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+    await task
+
+    class Receive:
+        async def __call__(self) -> dict[str, Any]:
+            raise AssertionError
+
+    receive = Receive()
+    held = weakref.ref(receive)
+    call = _Call(None, receive, task)
+    watchlist.add(call, asyncio.get_running_loop())
+    del receive
+    assert held() is not None  # the running call holds its request
+    call.unwatch()
+    assert held() is None  # gone with the answer, though the list still holds the call
+    assert call.task is None
+    call.watch()  # a tick reaching the ended call starts nothing
+    assert call.watcher is None
     watchlist.close()
 
 
