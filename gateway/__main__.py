@@ -38,6 +38,9 @@ def _serve(settings: Settings) -> int:
         # The upstream's own Date and Server headers pass through; don't add a second pair.
         server_header=False,
         date_header=False,
+        # The app applies uvicorn's X-Forwarded-* middleware itself, to its own routes only: on /v1
+        # nothing reads the client address or scheme, and it cost 12,800 instructions a call.
+        proxy_headers=False,
     )
     # uvicorn re-raises the signal that stopped it once it has drained; SIGTERM then ends the
     # process with 143. A graceful stop is a success, so let that re-raised signal go by.

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -16,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from gateway.admin import admin_app
 from gateway.auth import ClientKeyMiddleware
@@ -33,6 +35,9 @@ from middleware.detectors import OpenAIDetector, RulesDetector
 from middleware.errors import GatewayError
 from middleware.moderation import ModerationMiddleware
 from middleware.protocols import Detector, StoreUnavailable
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
 
 log = structlog.get_logger("gateway")
 
@@ -124,6 +129,9 @@ class GatewayApp(Starlette):
     """
 
     v1: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]] | None = None
+    # Everything else, behind uvicorn's X-Forwarded-For/-Proto middleware (the server's own is
+    # off): the client address and scheme a trusted proxy reports, for Starlette's redirects.
+    forwarded: Callable[..., Coroutine[Any, Any, None]] | None = None
 
     # Returns the coroutine of the app it picks (the server awaits it) instead of awaiting it in
     # a coroutine of its own, as _Mounted does; marked so that servers telling ASGI 3 from
@@ -139,6 +147,9 @@ class GatewayApp(Starlette):
         ):
             scope["app"] = self
             return v1(scope, receive, send)
+        forwarded = self.forwarded
+        if forwarded is not None:
+            return forwarded(scope, receive, send)
         return super().__call__(scope, receive, send)
 
 
@@ -245,6 +256,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     for cls, args, kwargs in reversed(middleware[1:]):
         v1 = cls(v1, *args, **kwargs)
     app.v1 = RequestContextMiddleware(v1, on_error=_v1_error)
+    # uvicorn's middleware, as `proxy_headers=True` (its default) would wrap the whole app in it.
+    app.forwarded = ProxyHeadersMiddleware(
+        cast("ASGI3Application", functools.partial(Starlette.__call__, app)), settings.forwarded_allow_ips
+    )
     app.state.settings = settings
     app.state.store = store
     app.state.upstream = upstream

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1)
     db_statement_cache: bool = True
     listen_database_url: SecretStr | None = None
+    # uvicorn's own variable: peers trusted to set X-Forwarded-For / X-Forwarded-Proto
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", validation_alias=AliasChoices("FORWARDED_ALLOW_IPS", "forwarded_allow_ips")
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -201,7 +205,7 @@ def settings_from(**values: Any) -> Settings:
 
 def variable_name(field: str) -> str:
     """The environment variable of a Settings field."""
-    if field in ("openai_api_key", "database_url"):
+    if field in ("openai_api_key", "database_url", "forwarded_allow_ips"):
         return field.upper()
     return f"GATEWAY_{field.upper()}"
 

@@ -55,6 +55,18 @@ def test_servers_see_an_asgi3_app(settings_factory: SettingsFactory) -> None:
     assert config.interface == "asgi3"
 
 
+@pytest.mark.parametrize(("trusted", "scheme"), [("127.0.0.1", "https"), ("10.9.9.9", "http")])
+def test_a_trusted_proxys_forwarded_proto_reaches_the_apps_own_routes(
+    settings_factory: SettingsFactory, trusted: str, scheme: str
+) -> None:
+    # `python -m gateway` turns uvicorn's X-Forwarded-* middleware off and the app applies it to
+    # its own routes (not /v1): a redirect behind a TLS proxy on a trusted address keeps https.
+    with run_app(create_app(settings_factory(forwarded_allow_ips=trusted))) as url:
+        answer = httpx2.get(f"{url}/healthz/", headers={"X-Forwarded-Proto": "https"})
+    assert answer.status_code == 307
+    assert answer.headers["location"] == f"{scheme}://{url.split('://', 1)[1]}/healthz"
+
+
 def test_request_ids(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
     with run_app(create_app(settings_factory(upstream_url=upstream.url))) as url:
         mine = httpx2.get(f"{url}/healthz", headers={"X-Request-ID": "req-123"})

@@ -33,7 +33,7 @@ ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Settings read the environment and `.env` of the working directory: isolate both.
     for name in list(os.environ):
-        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL"):
+        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL", "FORWARDED_ALLOW_IPS"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 

@@ -11,7 +11,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import os
 
     for name in list(os.environ):
-        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL"):
+        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL", "FORWARDED_ALLOW_IPS"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 
@@ -53,6 +53,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("GATEWAY_BLOCK_SECONDS", "1.5")
     monkeypatch.setenv("GATEWAY_UPSTREAM_URL", "http://localhost:9000/v1/")
     monkeypatch.setenv("GATEWAY_ENFORCEMENT", "SHADOW")
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.0/8,proxy")  # uvicorn's own variable
     settings = load_settings()
     assert settings.port == 9001
     assert settings.openai_api_key is not None
@@ -65,6 +66,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.block_seconds == 1.5
     assert settings.upstream_url == "http://localhost:9000/v1"
     assert settings.enforcement == "shadow"
+    assert settings.forwarded_allow_ips == "10.0.0.0/8,proxy"
 
 
 def test_dotenv_file_is_read(tmp_path: Path) -> None:
