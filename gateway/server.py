@@ -120,6 +120,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._refuse(408, "Request Timeout", "request_timeout", "The request headers did not arrive in time.")
         # else: a pipelined request waits behind a response still streaming; that one goes first.
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers a request its parser refuses in plain text; clients get the OpenAI shape.
+        self._refuse(400, "Bad Request", "invalid_request", "The request is not valid HTTP/1.1.")
+
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
         # Below the ASGI app, so no middleware adds the usual headers: an OpenAI-shaped body still.
         self._deadline.cancel()

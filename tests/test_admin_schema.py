@@ -19,6 +19,7 @@ from schemathesis.checks import CHECKS
 from schemathesis.core.result import Ok
 
 from gateway.app import create_app
+from gateway.server import GatewayHttpProtocol
 from gateway.settings import Settings
 from tests.servers import run_app
 
@@ -28,7 +29,9 @@ EXAMPLES_PER_OPERATION = 30
 
 
 def test_generated_admin_calls_never_fail_and_match_the_schema(settings_factory: SettingsFactory) -> None:
-    with run_app(create_app(settings_factory())) as url:
+    # The server protocol `python -m gateway` runs: generated headers the HTTP parser refuses (a
+    # Content-Length of letters) get its JSON 400, where uvicorn's own answers in plain text.
+    with run_app(create_app(settings_factory()), http=GatewayHttpProtocol) as url:
         # Known users make the generated ids hit real rows as well as unknown ones.
         for user in ("alice", "bob"):
             assert httpx2.put(f"{url}/admin/block/{user}", headers=ADMIN, json={"seconds": 60}).status_code == 200

@@ -57,6 +57,23 @@ def test_oversized_headers_get_431(url: str) -> None:
     assert body["error"]["code"] == "request_headers_too_large"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1 2\r\n\r\n", b"\x00\x01 nonsense\r\n\r\n"],
+    ids=["bad-content-length", "not-http"],
+)
+def test_a_request_the_parser_refuses_gets_an_openai_shaped_400(url: str, request_bytes: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"content-type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+
+
 @pytest.mark.parametrize("drip", [0, 40], ids=["stopped", "trickling"])
 def test_headers_that_never_finish_get_408(url: str, drip: int) -> None:
     # The deadline counts from the request's first byte, not from the last one: a slow drip (2 s
