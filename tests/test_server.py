@@ -37,11 +37,16 @@ def url() -> Iterator[str]:
         yield base
 
 
-def _reply(sock: socket.socket) -> tuple[bytes, dict[str, Any]]:
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    return data
+
+
+def _reply(sock: socket.socket) -> tuple[bytes, dict[str, Any]]:
+    head, _, body = _read_all(sock).partition(b"\r\n\r\n")
     return head.split(b"\r\n", 1)[0], json.loads(body)
 
 
@@ -65,10 +70,7 @@ def test_oversized_headers_get_431(url: str) -> None:
 def test_a_request_the_parser_refuses_gets_an_openai_shaped_400(url: str, request_bytes: bytes) -> None:
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
         sock.sendall(request_bytes)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+        head, _, body = _read_all(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"content-type: application/json" in head
     assert json.loads(body)["error"]["code"] == "invalid_request"
@@ -133,10 +135,7 @@ def test_a_pipelined_request_whose_headers_stop_gets_408_after_the_first_answer(
         sock.sendall(
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" + b"POST /echo HTTP/1.1\r\nHost: x\r\n"
         )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    first, _, rest = data.partition(b"\r\n\r\n")
+        first, _, rest = _read_all(sock).partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200")
     assert b'{"length":3}' in rest
     assert b"HTTP/1.1 408 Request Timeout" in rest
