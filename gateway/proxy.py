@@ -250,6 +250,7 @@ class _ResponseHandler(ResponseHandler):
         self._read_deadline.clear()
 
     def _read_timed_out(self) -> None:
+        # Looked up when the deadline passes, not bound at creation: aiohttp's handler as it is then.
         self._on_read_timeout()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -291,14 +292,12 @@ class Upstream:
         return self._circuit.open
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(
             limit=self._max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_SECONDS
         )
         # the connector makes its connections' protocols with this (aiohttp internals, pinned)
-        connector._factory = cast(
-            "functools.partial[ResponseHandler]",
-            functools.partial(_ResponseHandler, loop=asyncio.get_running_loop()),
-        )
+        connector._factory = cast("functools.partial[ResponseHandler]", functools.partial(_ResponseHandler, loop=loop))
         session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
@@ -313,7 +312,7 @@ class Upstream:
         if hasattr(session, "_retry_connection"):
             session._retry_connection = False
         self._session = session
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
 
     async def close(self) -> None:
         self._watchlist.close()

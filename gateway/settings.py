@@ -23,9 +23,10 @@ class SettingsError(Exception):
     """A setting has a bad value; the message is one line naming the variable and why."""
 
 
-def _env(name: str) -> Any:
-    # Tests and code build Settings by field name; operators set the variable.
-    return Field(None, validation_alias=AliasChoices(name, name.lower()))
+def _env(name: str, default: Any = None) -> Any:
+    # A setting read from a variable without the GATEWAY_ prefix. Tests and code build Settings
+    # by field name; operators set the variable.
+    return Field(default, validation_alias=AliasChoices(name, name.lower()))
 
 
 def _split(value: Any) -> Any:
@@ -88,9 +89,7 @@ class Settings(BaseSettings):
     db_statement_cache: bool = True
     listen_database_url: SecretStr | None = None
     # uvicorn's own variable: peers trusted to set X-Forwarded-For / X-Forwarded-Proto
-    forwarded_allow_ips: str = Field(
-        "127.0.0.1", validation_alias=AliasChoices("FORWARDED_ALLOW_IPS", "forwarded_allow_ips")
-    )
+    forwarded_allow_ips: str = _env("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -204,9 +203,10 @@ def settings_from(**values: Any) -> Settings:
 
 
 def variable_name(field: str) -> str:
-    """The environment variable of a Settings field."""
-    if field in ("openai_api_key", "database_url", "forwarded_allow_ips"):
-        return field.upper()
+    """The environment variable of a Settings field (its own name when `_env` gave it one)."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
     return f"GATEWAY_{field.upper()}"
 
 
