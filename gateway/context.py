@@ -79,8 +79,15 @@ def _request_id(scope: Scope) -> str:
             if 0 < len(text) <= 200 and text.isprintable():
                 return text
             break
-    # An id, not a secret: getrandbits costs a fraction of uuid4's os.urandom system call, and
-    # to_bytes().hex() half of formatting the number with "032x" (the same 32 hex digits).
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A fresh request id, 32 hex digits.
+
+    An id, not a secret: getrandbits costs a fraction of uuid4's os.urandom system call, and
+    to_bytes().hex() half of formatting the number with "032x" (the same 32 hex digits).
+    """
     return getrandbits(128).to_bytes(16).hex()
 
 

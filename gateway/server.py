@@ -13,6 +13,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.context import new_request_id
+from gateway.logs import access_log
 from gateway.timers import LazyDeadline
 from middleware.errors import error_body
 
@@ -125,12 +127,26 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refuse(400, "Bad Request", "invalid_request", "The request is not valid HTTP/1.1.")
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
-        # Below the ASGI app, so no middleware adds the usual headers: an OpenAI-shaped body still.
+        # Below the ASGI app, so the request context does not see it: the same request id header
+        # and access line (the code as its decision), and an OpenAI-shaped body still.
         self._deadline.cancel()
+        request_id = new_request_id()
         body = error_body(code, message, status)
         head = (
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"x-should-retry: false\r\ncontent-length: {len(body)}\r\n\r\n"
+            f"x-should-retry: false\r\nx-request-id: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
         self.transport.close()
+        access_log.write(
+            {
+                "request_id": request_id,
+                "user_id": None,
+                "method": None,
+                "path": None,
+                "status": status,
+                "duration_ms": None,
+                "upstream_ms": None,
+                "decision": code,
+            }
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -74,6 +75,36 @@ def test_a_request_the_parser_refuses_gets_an_openai_shaped_400(url: str, reques
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"content-type: application/json" in head
     assert json.loads(body)["error"]["code"] == "invalid_request"
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def write(self, fields: dict[str, Any]) -> None:
+        self.lines.append(fields)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"\x00\x01 nonsense\r\n\r\n", 400, "invalid_request"),
+        (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192, 431, "request_headers_too_large"),
+    ],
+    ids=["400", "431"],
+)
+def test_the_servers_own_refusals_carry_a_request_id_and_an_access_line(
+    url: str, monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, status: int, code: str
+) -> None:
+    lines = _Lines()
+    monkeypatch.setattr("gateway.server.access_log", lines)
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        head = _read_all(sock).partition(b"\r\n\r\n")[0].decode()
+    request_id = re.search(r"\r\nx-request-id: ([0-9a-f]{32})\r\n", head)
+    assert request_id is not None, head
+    (line,) = lines.lines
+    assert (line["request_id"], line["status"], line["decision"]) == (request_id.group(1), status, code)
 
 
 @pytest.mark.parametrize("drip", [0, 40], ids=["stopped", "trickling"])
