@@ -15,7 +15,6 @@ import posixpath
 import re
 import unicodedata
 from collections.abc import Awaitable, Iterable, Sequence
-from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any, Literal
 
@@ -32,12 +31,12 @@ from middleware.protocols import (
     DetectorFailed,
     LocalDetector,
     StoreUnavailable,
-    StrikeOutcome,
     StrikeStore,
     UserInput,
     Verdict,
     Violation,
 )
+from middleware.refusals import blocked_error, violation_answer
 
 log = structlog.get_logger(__name__)
 
@@ -249,7 +248,7 @@ class ModerationMiddleware:
     @staticmethod
     def _blocked(block: Block) -> _Refused:
         BLOCKED_REQUESTS.inc()
-        return _Refused("blocked", _blocked_error(block, "This user is blocked"))
+        return _Refused("blocked", blocked_error(block, "This user is blocked"))
 
     async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes | None:
         """The whole request body (`declared`: its Content-Length), or None if the client went away first."""
@@ -340,7 +339,7 @@ class ModerationMiddleware:
                     max_strikes=self.max_strikes,
                 ),
             ) from None
-        raise _Refused(*_violation_answer(flagged, outcome))
+        raise _Refused(*violation_answer(flagged, outcome))
 
     async def _record_shadow(self, user_id: str, violation: Violation) -> None:
         try:
@@ -348,45 +347,6 @@ class ModerationMiddleware:
         except StoreUnavailable as exc:
             # shadow mode must never cost a call: the metric and the log line above still count it
             log.warning("shadow_violation_not_recorded", user_id=user_id, error=str(exc))
-
-
-def _violation_answer(flagged: str, outcome: StrikeOutcome) -> tuple[str, GatewayError]:
-    if outcome.block is not None:
-        error = _blocked_error(
-            outcome.block,
-            f"{flagged}; this user reached {outcome.max_strikes} strikes and is blocked",
-            strikes=outcome.strikes,
-            max_strikes=outcome.max_strikes,
-        )
-        return "violation_blocked", error
-    left = max(0, outcome.max_strikes - outcome.strikes)
-    plural = "" if left == 1 else "s"
-    message = (
-        f"{flagged}. Strike {outcome.strikes} of {outcome.max_strikes}: "
-        f"{left} more violation{plural} will block this user."
-    )
-    return "violation", GatewayError(
-        400, "content_policy_violation", message, strikes=outcome.strikes, max_strikes=outcome.max_strikes
-    )
-
-
-def _blocked_error(block: Block, lead: str, **extra: Any) -> GatewayError:
-    until = _iso(block.until) if block.until is not None else None
-    retry_after = block.retry_after(datetime.now(UTC))
-    message = f"{lead} permanently." if until is None else f"{lead} until {until}."
-    return GatewayError(
-        403,
-        "user_blocked",
-        message,
-        headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
-        blocked_until=until,
-        permanent=block.permanent,
-        **extra,
-    )
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _first_values(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:

@@ -77,6 +77,21 @@ class DetectorFailed(Exception):
     """A detector could not judge; the middleware applies GATEWAY_MODERATION_FAILURE."""
 
 
+class InputRefused(Exception):
+    """The input cannot be judged as sent (say, the moderation endpoint cannot fetch an image URL).
+
+    Neither an outage nor a violation: the call is answered 400 `invalid_request` with `param`
+    naming the part, whatever GATEWAY_MODERATION_FAILURE says, and no strike is recorded. A
+    client must not be able to turn a detector's refusal into a bypass (failure mode `open`) or
+    into free retries of flagged text (failure mode `closed`).
+    """
+
+    def __init__(self, message: str, part: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.part = part
+
+
 class StrikeStore(Protocol):
     def cached_block(self, user_id: str) -> tuple[bool, Block | None]:
         """`(True, block or None)` when the store can tell from memory now, without I/O; else
