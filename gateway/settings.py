@@ -43,6 +43,8 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         frozen=True,
+        # `OPENAI_API_KEY=` in a .env or compose file means unset, for every variable.
+        env_ignore_empty=True,
     )
 
     host: str = "127.0.0.1"

@@ -143,3 +143,16 @@ def test_open_relay_guard(overrides: dict[str, object], refused: bool) -> None:
 
 def test_user_header_key_is_the_asgi_form() -> None:
     assert Settings(_env_file=None, user_header="X-End-User").user_header_key == b"x-end-user"  # type: ignore[call-arg]
+
+
+def test_an_empty_value_means_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `.env` files and compose often leave `OPENAI_API_KEY=`: it must not become "Bearer " upstream.
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    monkeypatch.setenv("GATEWAY_MAX_STRIKES", "")
+    (tmp_path / ".env").write_text("GATEWAY_API_KEYS=\nGATEWAY_PORT=\nDATABASE_URL=\n")
+    settings = load_settings()
+    assert settings.openai_api_key is None
+    assert settings.max_strikes == 3
+    assert settings.api_keys == frozenset()
+    assert settings.port == 8000
+    assert settings.database_url is None
