@@ -30,8 +30,8 @@ from gateway.settings import Settings
 from gateway.store import Store
 from middleware.asgi import Receive, Scope, Send, header
 from middleware.errors import GatewayError
-from middleware.moderation import MAX_USER_ID_LENGTH, user_id_problem
 from middleware.protocols import StoreUnavailable
+from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 MAX_REASON = 1000
 MAX_LIMIT = 1000

@@ -1,19 +1,30 @@
-"""The ASGI application: `create_app` wires settings, store, detectors, middleware and routes."""
+"""The ASGI application: `create_app` builds the parts and joins them into one pipeline.
+
+Every request takes one path (docs/DESIGN.md draws it):
+
+    Gateway                          lifespan and websockets go to the site app
+      RequestContextMiddleware       request id, access line, metrics, unexpected errors as JSON
+        /v1/...   ClientKeyMiddleware -> ModerationMiddleware -> Upstream (the proxy)
+        the rest  uvicorn's ProxyHeadersMiddleware -> Starlette: /healthz /readyz /metrics /admin
+
+The /v1 branch is pure ASGI with no router: Starlette's routing, its error middlewares and the
+proxy-headers middleware each add work per message and nothing /v1 needs (it reads neither the
+client's scheme nor a forwarded address).
+"""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -24,6 +35,7 @@ from gateway.auth import ClientKeyMiddleware
 from gateway.blockcache import BlockCache
 from gateway.context import RequestContextMiddleware
 from gateway.database import Database
+from gateway.jsonpost import JsonPoster
 from gateway.logs import configure_logging
 from gateway.proxy import Upstream
 from gateway.settings import Settings, SettingsError, load_settings
@@ -31,6 +43,7 @@ from gateway.store import Policy, Store
 from gateway.sweeper import ExpirySweeper
 from gateway.webhooks import WebhookSender
 from middleware.asgi import ASGIApp, Receive, Scope, Send
+from middleware.budgets import ByteBudget
 from middleware.detectors import OpenAIDetector, RulesDetector
 from middleware.errors import GatewayError
 from middleware.moderation import ModerationMiddleware
@@ -40,6 +53,44 @@ if TYPE_CHECKING:
     from uvicorn._types import ASGI3Application
 
 log = structlog.get_logger("gateway")
+
+V1 = "/v1"
+
+
+class Gateway:
+    """The gateway's ASGI app: the request context, then /v1 calls or the site's routes."""
+
+    def __init__(self, v1: ASGIApp, site: Starlette, settings: Settings) -> None:
+        self._v1 = v1
+        self._site = site
+        self._prefix = V1 + "/"
+        # uvicorn's X-Forwarded-For/-Proto middleware, for the site's routes only (the server's is off).
+        self._forwarded = cast(
+            "ASGIApp",
+            ProxyHeadersMiddleware(cast("ASGI3Application", site), trusted_hosts=settings.forwarded_allow_ips),
+        )
+        self._context = RequestContextMiddleware(self._route, on_error=_unexpected)
+        self.state: State = site.state
+
+    # A plain function returning the awaitable of the app it picks, not a coroutine of its own
+    # (each coroutine layer costs every request); marked so that servers telling ASGI 3 from
+    # ASGI 2 by `inspect.iscoroutinefunction` (uvicorn does) see an ASGI 3 app.
+    @inspect.markcoroutinefunction
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
+            return self._context(scope, receive, send)
+        return self._site(scope, receive, send)
+
+    def _route(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        root: str = scope.get("root_path", "")
+        if scope["path"].startswith(root + self._prefix if root else self._prefix):
+            # A mount, as Starlette's Mount makes it: root_path gains the prefix, path stays whole.
+            scope["root_path"] = root + V1
+            return self._v1(scope, receive, send)
+        client = scope.get("client")
+        # The socket's peer, before a trusted proxy's X-Forwarded-For replaces scope["client"].
+        scope["state"]["peer"] = str(client[0]) if client else None
+        return self._forwarded(scope, receive, send)
 
 
 def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector]:
@@ -54,7 +105,7 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
         key = settings.openai_api_key
         detectors.append(
             OpenAIDetector(
-                upstream.post_json,
+                JsonPoster(lambda: upstream.session),
                 settings.moderation_base_url,
                 key.get_secret_value() if key else None,
                 settings.moderation_thresholds,
@@ -64,14 +115,23 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
     return detectors
 
 
-def _error_response(error: GatewayError) -> Response:
+def error_response(error: GatewayError) -> Response:
+    """A GatewayError as a Starlette response, for the site's routes and handlers."""
     headers = {key.decode(): value.decode() for key, value in error.response_headers()}
     return Response(error.body(), status_code=error.status, headers=headers)
 
 
+def _unexpected(scope: Scope, exc: Exception) -> GatewayError:
+    """The answer to an exception that reached the request context before any byte was sent."""
+    if isinstance(exc, GatewayError):
+        return exc
+    log.exception("unhandled_error", path=scope["path"])
+    return GatewayError(500, "internal_error", "The gateway failed on this request; see its logs.")
+
+
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return _error_response(exc)
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -82,75 +142,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         code, message = "method_not_allowed", f"{request.method} is not allowed on {request.url.path}."
     else:
         code, message = "http_error", str(exc.detail)
-    return _error_response(GatewayError(exc.status_code, code, message, headers=dict(exc.headers or {})))
-
-
-def _internal_error() -> GatewayError:
-    return GatewayError(500, "internal_error", "The gateway failed on this request; see its logs.")
+    return error_response(GatewayError(exc.status_code, code, message, headers=dict(exc.headers or {})))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled_error", path=request.url.path)
-    return _error_response(_internal_error())
-
-
-def _v1_error(scope: Scope, exc: Exception) -> GatewayError:
-    """The answer to an exception on the /v1 path, as the Starlette handlers above would give it."""
-    if isinstance(exc, GatewayError):
-        return exc
-    log.exception("unhandled_error", path=scope["path"])
-    return _internal_error()
-
-
-class _Mounted:
-    """What `Mount("/v1", app)` does to the scope before calling its app, without the routing.
-
-    A plain function returning the app's awaitable, not a coroutine of its own: each coroutine
-    layer between the server and the proxy is made, awaited through and torn down per request.
-    """
-
-    def __init__(self, app: ASGIApp, prefix: str) -> None:
-        self.app = app
-        self.prefix = prefix
-
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        scope["app_root_path"] = scope.get("app_root_path", "")
-        scope["root_path"] = self.prefix
-        return self.app(scope, receive, send)
-
-
-class GatewayApp(Starlette):
-    """The Starlette app, with /v1 calls handed straight to their own middleware chain.
-
-    Starlette's error and exception middlewares, its router and the /v1 Mount each add a
-    coroutine per ASGI message and did nothing on this path that the chain does not do itself
-    (request context, client keys, moderation, proxy: the same middleware, in the same order).
-    Everything else, and /v1 under a server root_path, goes through Starlette as before.
-    """
-
-    v1: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]] | None = None
-    # Everything else, behind uvicorn's X-Forwarded-For/-Proto middleware (the server's own is
-    # off): the client address and scheme a trusted proxy reports, for Starlette's redirects.
-    forwarded: Callable[..., Coroutine[Any, Any, None]] | None = None
-
-    # Returns the coroutine of the app it picks (the server awaits it) instead of awaiting it in
-    # a coroutine of its own, as _Mounted does; marked so that servers telling ASGI 3 from
-    # ASGI 2 by `inspect.iscoroutinefunction` (uvicorn does) still see an ASGI 3 app.
-    @inspect.markcoroutinefunction
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
-        v1 = self.v1
-        if (
-            v1 is not None
-            and scope["type"] == "http"
-            and scope["path"].startswith("/v1/")
-            and not scope.get("root_path")
-        ):
-            scope["app"] = self
-            return v1(scope, receive, send)
-        forwarded = self.forwarded
-        if forwarded is not None:
-            return forwarded(scope, receive, send)
-        return super().__call__(scope, receive, send)
+    return error_response(_unexpected(request.scope, exc))
 
 
 def _mount(path: str, app: ASGIApp) -> Mount:
@@ -161,7 +157,7 @@ def _mount(path: str, app: ASGIApp) -> Mount:
     return mount
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> Gateway:
     """The ASGI app factory (`uvicorn --factory gateway.app:create_app`)."""
     settings = settings or load_settings()
     configure_logging(settings)
@@ -211,55 +207,45 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await store.ping()
         except StoreUnavailable:
-            return _error_response(GatewayError(503, "store_unavailable", "The database does not answer."))
+            return error_response(GatewayError(503, "store_unavailable", "The database does not answer."))
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    salt = None
-    if settings.safety_identifier == "hash" and settings.safety_salt:
-        salt = settings.safety_salt.get_secret_value().encode()
-    client_keys = frozenset(key.get_secret_value() for key in settings.api_keys)
-    middleware = [
-        Middleware(RequestContextMiddleware),
-        # without client keys the layer would only pass calls through: leave it out
-        *([Middleware(ClientKeyMiddleware, keys=client_keys)] if client_keys else []),
-        Middleware(
-            ModerationMiddleware,
-            store=store,
-            detectors=detectors,
-            user_header=settings.user_header,
-            max_body_bytes=settings.max_body_bytes,
-            max_strikes=settings.max_strikes,
-            moderation_failure=settings.moderation_failure,
-            store_failure=settings.store_failure,
-            enforcement=settings.enforcement,
-            safety_salt=salt,
-        ),
-    ]
-    routes = [
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics),
-        _mount("/admin", admin_app(store, settings)),
-        _mount("/v1", upstream),
-    ]
-    app = GatewayApp(
-        routes=routes,
-        middleware=middleware,
+    site = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            _mount("/admin", admin_app(store, settings)),
+        ],
         lifespan=lifespan,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _server_error},
     )
-    # The same middleware as the Starlette stack's (the request context first), around the proxy.
-    v1: ASGIApp = _Mounted(upstream, "/v1")
-    for cls, args, kwargs in reversed(middleware[1:]):
-        v1 = cls(v1, *args, **kwargs)
-    app.v1 = RequestContextMiddleware(v1, on_error=_v1_error)
-    # uvicorn's middleware, as `proxy_headers=True` (its default) would wrap the whole app in it.
-    app.forwarded = ProxyHeadersMiddleware(
-        cast("ASGI3Application", functools.partial(Starlette.__call__, app)), settings.forwarded_allow_ips
+    # A redirect to the slash-less (or slashed) path would be built from the request's Host.
+    site.router.redirect_slashes = False
+
+    salt = None
+    if settings.safety_identifier == "hash" and settings.safety_salt:
+        salt = settings.safety_salt.get_secret_value().encode()
+    v1: ASGIApp = ModerationMiddleware(
+        upstream,
+        store=store,
+        detectors=detectors,
+        user_header=settings.user_header,
+        max_body_bytes=settings.max_body_bytes,
+        max_strikes=settings.max_strikes,
+        moderation_failure=settings.moderation_failure,
+        store_failure=settings.store_failure,
+        enforcement=settings.enforcement,
+        safety_salt=salt,
+        body_budget=ByteBudget(settings.max_buffered_bytes),
+        users_per_app=settings.users_per_app,
     )
+    if settings.api_keys:  # without keys the layer would only pass calls through: leave it out
+        v1 = ClientKeyMiddleware(v1, keys=settings.client_keys)
+    app = Gateway(v1, site, settings)
     app.state.settings = settings
     app.state.store = store
     app.state.upstream = upstream

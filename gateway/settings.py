@@ -6,8 +6,10 @@ The names and defaults are those of CONTRACT.md section 2; the few extra knobs a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from middleware.detectors import DEFAULT_RULES_FILE
 
 DETECTORS = ("openai", "rules")
+# A client key named after its application: `app-a:KEY` (a name of letters, digits, - and _).
+_NAMED_KEY = re.compile(r"([A-Za-z0-9_-]{1,64}):(.+)", re.DOTALL)
 
 
 class SettingsError(Exception):
@@ -90,6 +94,16 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1)
     db_statement_cache: bool = True
     listen_database_url: SecretStr | None = None
+    # The upstream hop: `lean` (aiohttp's lower steps, checked at start-up) or `public` (session.request).
+    upstream_hop: Literal["lean", "public"] = "lean"
+    # Bounds (503 server_busy past them): how long a call waits for a free upstream connection,
+    # how many of those one client address may hold (default: half of them; 0: no cap), and the
+    # request-body bytes held in memory across calls (moderated bodies are read whole).
+    upstream_queue_seconds: float = Field(1.0, ge=0)
+    max_calls_per_client: int | None = Field(None, ge=0)
+    max_buffered_bytes: int = Field(128 * 1024 * 1024, ge=1)
+    # With named client keys (`app-a:KEY`): user ids are per application.
+    users_per_app: bool = False
     # uvicorn's own variable: peers trusted to set X-Forwarded-For / X-Forwarded-Proto
     forwarded_allow_ips: str = _env("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
@@ -153,11 +167,44 @@ class Settings(BaseSettings):
             raise ValueError("GATEWAY_SAFETY_SALT is required when GATEWAY_SAFETY_IDENTIFIER=hash")
         if self.webhook_url and not self.webhook_secret:
             raise ValueError("GATEWAY_WEBHOOK_SECRET is required when GATEWAY_WEBHOOK_URL is set")
+        if self.users_per_app and (not self.api_keys or None in self.client_keys.values()):
+            raise ValueError(
+                "GATEWAY_USERS_PER_APP=true needs every key of GATEWAY_API_KEYS named after its application "
+                "(app-a:KEY,app-b:KEY)"
+            )
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"GATEWAY_MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
+                f"GATEWAY_MAX_BODY_BYTES ({self.max_body_bytes}), or no body that large could ever be judged"
+            )
         return self
 
     @property
     def moderation_base_url(self) -> str:
         return self.moderation_url or self.upstream_url
+
+    @property
+    def client_keys(self) -> dict[str, str | None]:
+        """Each client key with the name of its application (`app-a:KEY`), None when unnamed."""
+        keys: dict[str, str | None] = {}
+        for secret in self.api_keys:
+            named = _NAMED_KEY.fullmatch(secret.get_secret_value())
+            if named is None:
+                keys[secret.get_secret_value()] = None
+            else:
+                keys[named.group(2)] = named.group(1)
+        return keys
+
+    @property
+    def calls_per_client(self) -> int:
+        """Upstream calls one client address may hold at once; 0: no cap."""
+        if self.max_calls_per_client is not None:
+            return self.max_calls_per_client
+        return max(1, self.upstream_max_connections // 2)
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        """Whether FORWARDED_ALLOW_IPS trusts `address` (a proxy that speaks for many clients)."""
+        return _trusts(self.forwarded_allow_ips, address)
 
     @property
     def user_header_key(self) -> bytes:
@@ -175,6 +222,25 @@ class Settings(BaseSettings):
             "without GATEWAY_API_KEYS, so anyone could spend the key: set GATEWAY_API_KEYS, listen "
             "on 127.0.0.1, or set GATEWAY_ALLOW_OPEN_RELAY=true if a network policy guards it"
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _trusts(allowed: str, address: str) -> bool:
+    # uvicorn's rules for FORWARDED_ALLOW_IPS: "*", addresses, networks, or other literal names.
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    for item in (part.strip() for part in allowed.split(",")):
+        if item == "*" or item == address:
+            return True
+        if ip is not None and "/" in item:
+            try:
+                if ip in ipaddress.ip_network(item, strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def _is_loopback(host: str) -> bool:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.proxy import DISCONNECT_WATCH_AFTER
+from gateway.disconnects import DISCONNECT_WATCH_AFTER
 from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database
 
 HERE = Path(__file__).resolve().parent

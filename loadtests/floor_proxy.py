@@ -8,7 +8,7 @@ status, headers and body (a body of known length in one piece, a stream such as 
 chunk). Nothing else: no user header, no block check, no moderation, no logs.
 
 `--hop session` (the default, the floor of issue 6) calls `session.request`, as a bare proxy
-naturally would. `--hop lean` makes the call the gateway's way (`gateway.proxy.send_upstream`,
+naturally would. `--hop lean` makes the call the gateway's way (`gateway.transport.LeanTransport`,
 aiohttp's request and connector steps without `ClientSession._request`), so that the gateway
 can also be compared with a floor whose upstream hop is as lean as its own: that difference is
 what the gateway's checks, logs and metrics cost.
@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from yarl import URL
 
-from gateway.proxy import send_upstream
+from gateway.transport import LeanTransport, Transport
 from middleware.asgi import Receive, Scope, Send
 
 _DROP = frozenset({b"host", b"content-length", b"connection", b"transfer-encoding", b"keep-alive"})
@@ -51,6 +51,7 @@ class _Opened:
 
 def build(upstream: str, hop: str = "session") -> Starlette:
     sessions: list[aiohttp.ClientSession] = []
+    transports: list[Transport] = []
     timeouts = aiohttp.ClientTimeout(total=None, sock_connect=30)
     urls: dict[str, URL] = {}
 
@@ -60,7 +61,7 @@ def build(upstream: str, hop: str = "session") -> Starlette:
             url = URL(upstream + path)
             if len(urls) < 1024:
                 urls[path] = url
-        return send_upstream(sessions[0], method, url, CIMultiDict(headers), body, timeouts)
+        return transports[0].send(method, url, CIMultiDict(headers), body)
 
     async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
         chunks = []
@@ -90,8 +91,12 @@ def build(upstream: str, hop: str = "session") -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=15)
-        sessions.append(aiohttp.ClientSession(connector=connector, auto_decompress=False))
+        if hop == "lean":
+            transports.append(LeanTransport(limit=1000, timeouts=timeouts))
+            sessions.append(transports[0].session)
+        else:
+            connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=15)
+            sessions.append(aiohttp.ClientSession(connector=connector, auto_decompress=False))
         yield
         await sessions[0].close()
 

@@ -83,3 +83,12 @@ def error_body(code: str, message: str, status: int, *, param: str | None = None
 def sse_error_event(code: str, message: str, status: int = 502) -> bytes:
     """The last event of an SSE stream cut by the upstream; the SDK raises it as an APIError."""
     return b"data: " + error_body(code, message, status) + b"\n\n"
+
+
+class Refused(Exception):
+    """Ends a call with the gateway's own answer; `decision` is what the access line records."""
+
+    def __init__(self, decision: str, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.decision = decision
+        self.error = error

@@ -17,8 +17,8 @@ from gateway.database import Database
 from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
 from middleware.asgi import ASGIApp, Message, Scope
-from middleware.moderation import user_id_problem
 from middleware.protocols import Verdict, Violation
+from middleware.users import user_id_problem
 from tests.servers import run_app
 
 TOKEN = "s3cret-admin-token"

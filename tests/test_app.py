@@ -55,16 +55,29 @@ def test_servers_see_an_asgi3_app(settings_factory: SettingsFactory) -> None:
     assert config.interface == "asgi3"
 
 
-@pytest.mark.parametrize(("trusted", "scheme"), [("127.0.0.1", "https"), ("10.9.9.9", "http")])
-def test_a_trusted_proxys_forwarded_proto_reaches_the_apps_own_routes(
-    settings_factory: SettingsFactory, trusted: str, scheme: str
+@pytest.mark.parametrize(("trusted", "client"), [("127.0.0.1", "203.0.113.9"), ("10.9.9.9", "127.0.0.1")])
+def test_a_trusted_proxys_forwarded_address_reaches_the_site_routes(
+    settings_factory: SettingsFactory, capfd: pytest.CaptureFixture[str], trusted: str, client: str
 ) -> None:
     # `python -m gateway` turns uvicorn's X-Forwarded-* middleware off and the app applies it to
-    # its own routes (not /v1): a redirect behind a TLS proxy on a trusted address keeps https.
-    with run_app(create_app(settings_factory(forwarded_allow_ips=trusted))) as url:
-        answer = httpx2.get(f"{url}/healthz/", headers={"X-Forwarded-Proto": "https"})
-    assert answer.status_code == 307
-    assert answer.headers["location"] == f"{scheme}://{url.split('://', 1)[1]}/healthz"
+    # its own routes (not /v1): the admin API logs the client a trusted proxy reports.
+    settings = settings_factory(forwarded_allow_ips=trusted, log_format="json")
+    with run_app(create_app(settings)) as url:
+        answer = httpx2.get(f"{url}/admin/stats", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert answer.status_code == 401
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert [line["client"] for line in lines if line["event"] == "admin_auth_failed"] == [client]
+
+
+@pytest.mark.parametrize("path", ["/v1", "/admin", "/healthz/", "/metrics/", "/readyz/"])
+def test_no_answer_redirects_to_the_requests_host(settings_factory: SettingsFactory, path: str) -> None:
+    # Starlette's slash redirects were built from the request's Host: `Host: evil.example` got a
+    # 307 to http://evil.example/... A path that is not a route is a 404 in the OpenAI shape.
+    with run_app(create_app(settings_factory())) as url:
+        answer = httpx2.get(f"{url}{path}", headers={"Host": "evil.example", "X-User-ID": "u"})
+    assert answer.status_code == 404
+    assert "location" not in answer.headers
+    assert answer.json()["error"]["code"] == "not_found"
 
 
 def test_request_ids(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:

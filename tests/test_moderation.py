@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ from prometheus_client import REGISTRY
 from gateway.database import Database
 from gateway.store import Policy, Store
 from middleware.asgi import Message, Receive, Scope, Send
+from middleware.budgets import ByteBudget
 from middleware.detectors import RulesDetector
 from middleware.moderation import ModerationMiddleware
-from middleware.protocols import Detector, DetectorFailed, StrikeStore, UserInput, Verdict
+from middleware.protocols import Detector, DetectorFailed, InputRefused, StrikeStore, UserInput, Verdict
 from tests.conftest import SettingsFactory
 
 CHAT = "/v1/chat/completions"
@@ -152,6 +154,7 @@ def middleware(
         store_failure=store_failure,
         enforcement=enforcement,
         safety_salt=safety_salt,
+        path_prefix="/v1",
     )
 
 
@@ -231,12 +234,13 @@ async def test_unicode_and_longest_user_ids_are_accepted(store: Store) -> None:
     assert (await call(app, method="GET", path="/v1/models", user=b"u" * 256)).status == 200
 
 
-async def test_the_first_of_repeated_headers_counts_in_any_header_container(store: Store, rules: RulesDetector) -> None:
+async def test_a_user_header_sent_twice_is_refused_in_any_header_container(store: Store, rules: RulesDetector) -> None:
+    # Which of two lines names the user is a guess the gateway and the upstream could make apart.
     inner = Inner()
     app = middleware(inner, store, [rules])
-    # The first X-User-ID names the user (a second one is not a way around a block).
     answer = await call(app, method="GET", path="/v1/models", user=b"alice", headers=[(b"x-user-id", b"mallory")])
-    assert answer.state["user_id"] == "mallory"  # call() appends its own user header after these
+    assert answer.status == 400
+    assert answer.error["code"] == "invalid_user_id"
     body = chat("forbidden")
 
     async def receive() -> Message:
@@ -253,9 +257,16 @@ async def test_the_first_of_repeated_headers_counts_in_any_header_container(stor
         state: dict[str, Any] = {}
         scope = {"type": "http", "method": "POST", "path": CHAT, "root_path": "", "headers": headers, "state": state}
         await app(scope, receive, send)
-        assert state["user_id"] == "carol"
-        assert sent[-2]["status"] == 400  # judged: the body was read and the rules ran
-    assert inner.scopes == [] or all(scope["method"] == "GET" for scope in inner.scopes)
+        assert state["decision"] == "invalid"
+        assert sent[-2]["status"] == 400
+        assert orjson.loads(sent[-1]["body"])["error"]["code"] == "invalid_user_id"
+    assert inner.scopes == []
+    # Other headers sent twice are not the gateway's to judge: the first one still names the user.
+    pairs = [[b"x-user-id", b"carol"], [b"accept", b"a"], [b"accept", b"b"]]
+    state = {}
+    get: dict[str, Any] = {"type": "http", "method": "GET", "path": "/v1/models", "root_path": ""}
+    await app({**get, "headers": pairs, "state": state}, receive, send)
+    assert state == {"user_id": "carol", "decision": "allow"}
 
 
 # --- body ----------------------------------------------------------------------------------------
@@ -603,3 +614,149 @@ async def test_a_violation_is_never_forwarded_when_the_store_fails(
     shadow = middleware(inner, unavailable_store, [rules], store_failure="open", enforcement="shadow")
     assert (await call(shadow, body=chat("forbidden"))).headers["x-gateway-shadow-violation"] == "violence"
     assert len(inner.scopes) == 1  # only the shadow call
+
+
+# --- issue 15: ambiguity refused, bounds, a detector that refuses the input, a block made meanwhile ---
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # judged: the last `messages` (clean); read by an upstream that keeps the first: the flagged one
+        b'{"model":"m","messages":[{"role":"user","content":"forbidden"}],"messages":[]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "forbidden", "role": "system"}]}',
+        b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"forbidden","text":"hi"}]}]}',
+        # a colon spelled as an escape must not hide a duplicate from the count
+        b'{"model":"m\\u003a","messages":[],"messages":[{"role":"user","content":"hi"}]}',
+    ],
+)
+async def test_a_body_with_a_key_twice_in_one_object_is_refused(
+    store: Store, rules: RulesDetector, body: bytes
+) -> None:
+    inner = Inner()
+    answer = await call(middleware(inner, store, [rules]), body=body)
+    assert answer.status == 400
+    assert answer.error["code"] == "invalid_json"
+    assert "twice" in answer.error["message"]
+    assert inner.scopes == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"m","messages":[{"role":"user","content":"a: b :: c"}],"metadata":{"k:1":"v:2"}}',
+        b'{"model":"m\\u003a","messages":[{"role":"user","content":"x\\u003Ay"}]}',
+        b'{"a":{"b":{"c":[{"d":1},{"d":2}]}},"messages":[]}',
+    ],
+)
+async def test_colons_inside_strings_are_not_duplicates(store: Store, rules: RulesDetector, body: bytes) -> None:
+    inner = Inner()
+    answer = await call(middleware(inner, store, [rules]), body=body)
+    assert answer.status == 200
+    assert inner.bodies == [body]
+
+
+@dataclass
+class BlockingDetector:
+    """Flags nothing; while it judges, the user gets blocked (elsewhere, by another call)."""
+
+    store: Store
+    name: str = "slow"
+    cost: int = 5
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        await self.store.block("alice", seconds=60)
+        return None
+
+
+async def test_a_block_made_while_the_call_was_judged_is_enforced(store: Store) -> None:
+    inner = Inner()
+    answer = await call(middleware(inner, store, [BlockingDetector(store)]), body=chat("hello"))
+    assert answer.status == 403
+    assert answer.error["code"] == "user_blocked"
+    assert answer.state["decision"] == "blocked"
+    assert inner.scopes == []
+
+
+@dataclass
+class RefusingDetector:
+    """The moderation endpoint cannot use part of the input (an image URL it cannot fetch)."""
+
+    name: str = "refusing"
+    cost: int = 5
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        raise InputRefused("the image URL could not be downloaded", "messages[0].content[1].image_url")
+
+
+@pytest.mark.parametrize("failure", ["closed", "open"])
+async def test_a_detector_refusing_the_input_refuses_the_call_in_both_failure_modes(
+    store: Store, failure: Literal["closed", "open"]
+) -> None:
+    # Neither a bypass (open) nor an outage that lets flagged text be retried without a strike (closed).
+    inner = Inner()
+    app = middleware(inner, store, [RefusingDetector()], moderation_failure=failure)
+    answer = await call(app, body=chat("look at this"))
+    assert answer.status == 400
+    assert answer.error["code"] == "invalid_request"
+    assert answer.error["param"] == "messages[0].content[1].image_url"
+    assert answer.headers["x-should-retry"] == "false"
+    assert inner.scopes == []
+    assert await store.status("alice") is None  # no strike
+
+
+@dataclass
+class ThreadSpy:
+    """A local detector that remembers which thread judged each input."""
+
+    name: str = "spy"
+    cost: int = 0
+    threads: list[int] = field(default_factory=list)
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        return self.check_now(user_input)
+
+    def check_now(self, user_input: UserInput) -> Verdict | None:
+        self.threads.append(threading.get_ident())
+        return None
+
+
+async def test_large_inputs_are_judged_off_the_event_loops_thread(store: Store) -> None:
+    spy = ThreadSpy()
+    app = middleware(Inner(), store, [spy], max_body_bytes=4 * 1024 * 1024)
+    assert (await call(app, body=chat("small"))).status == 200
+    assert (await call(app, body=chat("x" * (1024 * 1024 + 1)))).status == 200
+    assert spy.threads[0] == threading.get_ident()  # a small input: judged in place
+    assert spy.threads[1] != threading.get_ident()  # a large one: in a worker thread
+
+
+async def test_bodies_held_across_calls_are_a_budget(store: Store, rules: RulesDetector) -> None:
+    budget = ByteBudget(1000)
+    inner = Inner()
+    app = ModerationMiddleware(
+        inner,
+        store=store,
+        detectors=[rules],
+        user_header="X-User-ID",
+        max_body_bytes=800,
+        max_strikes=3,
+        moderation_failure="closed",
+        store_failure="closed",
+        enforcement="enforce",
+        safety_salt=None,
+        path_prefix="/v1",
+        body_budget=budget,
+    )
+    budget.take(500)  # other calls hold half of it
+    answer = await call(app, body=chat("x" * 600))  # announced: refused before a byte is read
+    assert answer.status == 503
+    assert answer.error["code"] == "server_busy"
+    assert answer.headers["retry-after"] == "1"
+    assert answer.state["decision"] == "server_busy"
+    streamed = await call(app, body=[chat("y" * 600)[:300], chat("y" * 600)[300:]], content_length=False)
+    assert streamed.status == 503  # no Content-Length: held as it arrives, refused when it would not fit
+    assert budget.used == 500  # what the refused calls held was given back
+    budget.give(500)
+    assert (await call(app, body=chat("x" * 600))).status == 200
+    assert budget.used == 0
+    assert len(inner.scopes) == 1
