@@ -2,9 +2,9 @@
 
 Every request takes one path (docs/DESIGN.md draws it):
 
-    Gateway                          lifespan and websockets go to the site app
-      RequestContextMiddleware       request id, access line, metrics, unexpected errors as JSON
-        /v1/...   ClientKeyMiddleware -> ModerationMiddleware -> Upstream (the proxy)
+    Gateway: /v1/... or the rest (lifespan and websockets go to the site app)
+      RequestContextMiddleware: request id, access line, metrics, unexpected errors as JSON
+        /v1/...   (a mount) ClientKeyMiddleware -> ModerationMiddleware -> Upstream (the proxy)
         the rest  uvicorn's ProxyHeadersMiddleware -> Starlette: /healthz /readyz /metrics /admin
 
 The /v1 branch is pure ASGI with no router: Starlette's routing, its error middlewares and the
@@ -61,15 +61,14 @@ class Gateway:
     """The gateway's ASGI app: the request context, then /v1 calls or the site's routes."""
 
     def __init__(self, v1: ASGIApp, site: Starlette, settings: Settings) -> None:
-        self._v1 = v1
         self._site = site
         self._prefix = V1 + "/"
+        # Each branch starts with the request context (request id, access line, metrics, errors).
+        self._v1_call = RequestContextMiddleware(v1, on_error=_unexpected)
         # uvicorn's X-Forwarded-For/-Proto middleware, for the site's routes only (the server's is off).
-        self._forwarded = cast(
-            "ASGIApp",
-            ProxyHeadersMiddleware(cast("ASGI3Application", site), trusted_hosts=settings.forwarded_allow_ips),
-        )
-        self._context = RequestContextMiddleware(self._route, on_error=_unexpected)
+        forwarded = ProxyHeadersMiddleware(cast("ASGI3Application", site), trusted_hosts=settings.forwarded_allow_ips)
+        self._forwarded = cast("ASGIApp", forwarded)
+        self._site_call = RequestContextMiddleware(self._site_route, on_error=_unexpected)
         self.state: State = site.state
 
     # A plain function returning the awaitable of the app it picks, not a coroutine of its own
@@ -77,16 +76,16 @@ class Gateway:
     # ASGI 2 by `inspect.iscoroutinefunction` (uvicorn does) see an ASGI 3 app.
     @inspect.markcoroutinefunction
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        if scope["type"] == "http":
-            return self._context(scope, receive, send)
-        return self._site(scope, receive, send)
-
-    def _route(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] != "http":
+            return self._site(scope, receive, send)  # the lifespan; websockets (refused there)
         root: str = scope.get("root_path", "")
         if scope["path"].startswith(root + self._prefix if root else self._prefix):
             # A mount, as Starlette's Mount makes it: root_path gains the prefix, path stays whole.
             scope["root_path"] = root + V1
-            return self._v1(scope, receive, send)
+            return self._v1_call(scope, receive, send)
+        return self._site_call(scope, receive, send)
+
+    def _site_route(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         client = scope.get("client")
         # The socket's peer, before a trusted proxy's X-Forwarded-For replaces scope["client"].
         scope["state"]["peer"] = str(client[0]) if client else None

@@ -40,10 +40,7 @@ class Circuit:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial: asyncio.Future[None] | None = None
-
-    @property
-    def open(self) -> bool:
-        return self._opened_at is not None
+        self.open = False  # read before every call: a plain attribute, not a property
 
     async def check(self) -> None:
         """Return when a call may go upstream; raise 503 while the circuit is open.
@@ -68,7 +65,7 @@ class Circuit:
         try:
             await self._probe()
         except Exception:
-            self._opened_at = time.monotonic()  # still down: another cool-down
+            self._opened_at = time.monotonic()  # still down: another cool-down (still open)
         else:
             self.succeeded()
         finally:
@@ -79,12 +76,14 @@ class Circuit:
         self._failures = 0
         if self._opened_at is not None:
             self._opened_at = None
+            self.open = False
             metrics.CIRCUIT_OPEN.set(0)
 
     def failed(self) -> None:
         self._failures += 1
         if self._failures >= self._threshold:
             self._opened_at = time.monotonic()
+            self.open = True
             metrics.CIRCUIT_OPEN.set(1)
 
     def _refusal(self, left: float) -> GatewayError:

@@ -26,7 +26,7 @@ from gateway.disconnects import Call, WatchList
 from gateway.settings import Settings
 from gateway.transport import Transport, open_transport
 from middleware.asgi import Message, Receive, Scope, Send
-from middleware.budgets import CallBudget
+from middleware.budgets import CallBudget, Wait
 from middleware.errors import GatewayError, sse_error_event
 from middleware.paths import path_problem
 
@@ -149,7 +149,7 @@ class Upstream:
         assert task is not None
         call: Call | None = None
         response: aiohttp.ClientResponse | None = None
-        client: str | None = None
+        share: str | None = None
         holding = False
         try:
             try:
@@ -169,8 +169,12 @@ class Upstream:
                     call = Call(None, receive, task)
                 if self._circuit.open:
                     await self._circuit.check()
-                client = self._calls.client_key(scope.get("client"))
-                await self._calls.acquire(client)
+                taken = self._calls.take(scope.get("client"))
+                if isinstance(taken, Wait):
+                    share = taken.share
+                    await self._calls.acquire(share)
+                else:
+                    share = taken
                 holding = True
                 self._watchlist.add(call, loop)
                 started = time.perf_counter()
@@ -197,7 +201,7 @@ class Upstream:
             if response is not None:
                 response.close()
             if holding:
-                self._calls.release(client)
+                self._calls.release(share)
 
     def _request_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], str | None]:
         headers: CIMultiDict[str] = CIMultiDict()

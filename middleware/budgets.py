@@ -18,6 +18,18 @@ from collections.abc import Callable
 
 from middleware.errors import GatewayError
 
+_UNKNOWN = object()
+_KEYS_CACHED = 4096
+
+
+class Wait:
+    """`CallBudget.take`'s answer when every slot is taken: `acquire(share)` waits for one."""
+
+    __slots__ = ("share",)
+
+    def __init__(self, share: str | None) -> None:
+        self.share = share
+
 
 def server_busy(what: str, retry_after: int = 1) -> GatewayError:
     return GatewayError(
@@ -49,10 +61,13 @@ class ByteBudget:
 class CallBudget:
     """At most `limit` calls upstream at once, and at most `per_client` of them from one address.
 
-    A call past the total waits up to `wait` seconds for a free slot (first come, first
-    served), then gets 503; a client address past its share gets 503 at once, so one address
-    cannot hold every upstream connection. Addresses `exempt` says yes to (trusted proxies,
-    which speak for many clients) have no share of their own. `per_client` 0: no per-address cap.
+    `take(client)` takes a slot for a call from `client` (the ASGI scope's) when one is free at
+    once, the common case, without a coroutine, and gives the share to `release` afterwards;
+    when the total is spent it returns `WAIT`, and `acquire(share)` waits up to `wait` seconds
+    for a slot (first come, first served), then raises 503. A client address past its share
+    gets 503 at once, so one address cannot hold every upstream connection. Addresses `exempt`
+    says yes to (trusted proxies, which speak for many clients) have no share of their own.
+    `per_client` 0: no per-address cap.
     """
 
     def __init__(
@@ -63,34 +78,58 @@ class CallBudget:
         self._wait = wait
         self._per_client = per_client
         self._exempt = exempt
+        self._keys: dict[object, str | None] = {}  # client address -> its share's key (None: exempt)
         self._by_client: dict[str, int] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def client_key(self, client: tuple[str, int] | list[object] | None) -> str | None:
-        """The address a call counts against, or None when it has no share of its own."""
+    def take(self, client: tuple[str, int] | list[object] | None) -> str | Wait | None:
+        """A slot for a call from `client` if one is free now: the share to release, or `WAIT`."""
+        share = self.key(client) if self._per_client and client else None
+        if self.try_acquire(share):
+            return share
+        return Wait(share)
+
+    def key(self, client: tuple[str, int] | list[object] | None) -> str | None:
+        """The share a call from `client` (the ASGI scope's) counts against; None: no share of its own."""
         if not self._per_client or not client:
             return None
-        address = str(client[0])
-        return None if self._exempt(address) else address
+        address = client[0]
+        key = self._keys.get(address, _UNKNOWN)
+        if key is _UNKNOWN:
+            key = None if self._exempt(str(address)) else str(address)
+            if len(self._keys) < _KEYS_CACHED:  # addresses are the clients' choice: remember so many
+                self._keys[address] = key
+        return key  # type: ignore[return-value]
 
-    async def acquire(self, client: str | None) -> None:
-        """Take a slot for a call from `client` (see `client_key`), waiting a bounded time."""
-        if client is not None:
-            held = self._by_client.get(client, 0)
+    def try_acquire(self, key: str | None) -> bool:
+        """Take a slot if one is free now; False: `acquire` must wait for one. Raises 503 past a share."""
+        if key is not None:
+            held = self._by_client.get(key, 0)
             if held >= self._per_client:
                 raise server_busy(f"{self._per_client} upstream calls from one client address")
-            self._by_client[client] = held + 1
+            self._by_client[key] = held + 1
         if self.used < self.limit and not self._waiters:
             self.used += 1
+            return True
+        if key is not None:
+            self._release_client(key)
+        return False
+
+    async def acquire(self, key: str | None) -> None:
+        """Take a slot, waiting a bounded time for one."""
+        if self.try_acquire(key):
             return
+        if key is not None:
+            self._by_client[key] = self._by_client.get(key, 0) + 1
         try:
             await self._queue()
         except BaseException:
-            self._release_client(client)
+            self._release_client(key)
             raise
 
-    def release(self, client: str | None) -> None:
-        self._release_client(client)
+    def release(self, key: str | None) -> None:
+        if key is not None:
+            self._release_client(key)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -115,10 +154,10 @@ class CallBudget:
                 waiter.cancel()
             raise
 
-    def _release_client(self, client: str | None) -> None:
-        if client is not None:
-            held = self._by_client[client] - 1
+    def _release_client(self, key: str | None) -> None:
+        if key is not None:
+            held = self._by_client[key] - 1
             if held:
-                self._by_client[client] = held
+                self._by_client[key] = held
             else:
-                del self._by_client[client]
+                del self._by_client[key]

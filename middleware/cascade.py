@@ -21,9 +21,6 @@ from middleware.protocols import Detector, DetectorFailed, InputRefused, LocalDe
 
 log = structlog.get_logger("middleware.moderation")
 
-# Inputs holding more text than this are judged by local detectors off the event loop's thread.
-OFFLOAD_CHARS = 256 * 1024
-
 
 class Cascade:
     """Runs `detectors` over a call's input; `judge` gives the verdict and whether one failed open."""
@@ -43,11 +40,15 @@ class Cascade:
             for detector in self.detectors
         ]
 
-    async def judge(self, user_input: UserInput, raw_authorization: bytes | None) -> tuple[Verdict | None, bool]:
-        """The first detector's verdict, cheapest first; and whether a failed detector was skipped."""
+    async def judge(
+        self, user_input: UserInput, raw_authorization: bytes | None, *, offload: bool = False
+    ) -> tuple[Verdict | None, bool]:
+        """The first detector's verdict, cheapest first; and whether a failed detector was skipped.
+
+        `offload`: the input is large, so local detectors judge it off the event loop's thread.
+        """
         if not user_input:
             return None, False
-        offload = sum(map(len, user_input.texts)) > OFFLOAD_CHARS
         failed_open = False
         for detector, check_now, timer, failures in self._steps:
             started = perf_counter()

@@ -29,9 +29,9 @@ from middleware.errors import GatewayError, Refused
 from middleware.extract import extract_user_input
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
 from middleware.paths import path_problem
-from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Violation
+from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Verdict, Violation
 from middleware.refusals import blocked_error, violation_answer
-from middleware.users import user_id_from
+from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,8 @@ _ROUTES = {"/chat/completions": "chat", "/completions": "completions", "/respons
 _SLASHES = re.compile(r"/{2,}")
 # the body's framing headers, replaced when the body changes
 _BODY_FRAMING = (b"content-length", b"transfer-encoding")
-# Bodies larger than this are parsed and searched for the user's input off the event loop's thread.
+# Bodies larger than this are parsed, searched for the user's input and judged by local detectors
+# off the event loop's thread.
 _OFFLOAD_BYTES = 1024 * 1024
 _PATHS_CACHED = 1024
 
@@ -78,7 +79,7 @@ class ModerationMiddleware:
         prefix = path_prefix.rstrip("/")
         self.prefix = prefix + "/"
         self.routes = {(prefix + suffix).lower(): route for suffix, route in _ROUTES.items()}
-        self._plain_paths: dict[bytes, bool] = {}
+        self._plain_paths: set[bytes] = set()
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing back one awaitable: each coroutine layer costs every request.
@@ -94,14 +95,18 @@ class ModerationMiddleware:
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, path: str, note: dict[str, Any]) -> None:
         try:
-            self._check_path(scope)
-            raw_headers = scope["headers"]
-            if not isinstance(raw_headers, list | tuple):
-                raw_headers = list(raw_headers)
-            # by (lower-case) name, the first of each name winning, in one C call
-            headers: dict[bytes, bytes] = dict(reversed(raw_headers))
-            user_id = self._user_id(headers, raw_headers, note)
-            decision = self._cached_decision(user_id) or await self._check_block(user_id)
+            raw_path = scope.get("raw_path")
+            if raw_path is not None and raw_path not in self._plain_paths:
+                self._check_path(raw_path, scope)
+            user_id, headers = self._user_id(scope, note)
+            store = self.store
+            known, block = store.cached_block(user_id)
+            if not known:
+                decision = await self._check_block(user_id)
+            elif block is not None:
+                raise self._blocked(block)
+            else:
+                decision = "allow"
             route_path = path
             route = None
             if scope["method"] == "POST":
@@ -114,17 +119,46 @@ class ModerationMiddleware:
                 note["decision"] = decision
                 await self.app(scope, receive, send)
                 return
+
+            budget = self.body_budget
             try:
-                body, held = await read_body(
-                    receive, headers.get(b"content-length"), self.max_body_bytes, self.body_budget
-                )
+                body, held = await read_body(receive, headers.get(b"content-length"), self.max_body_bytes, budget)
             except Disconnected:
                 note["decision"] = "disconnected"
                 return
             try:
-                await self._judge_and_forward(scope, receive, send, headers, user_id, route, route_path, body, note)
+                encoding = headers.get(b"content-encoding")
+                offload = len(body) > _OFFLOAD_BYTES
+                if offload:
+                    request, user_input = await asyncio.to_thread(_read_input, route, encoding, body)
+                else:
+                    request = json_object(encoding, body)
+                    user_input = extract_user_input(route, request)
+                verdict, failed_open = await self.cascade.judge(
+                    user_input, headers.get(b"authorization"), offload=offload
+                )
+                forward = send
+                if verdict is not None:
+                    await self._violation(scope, user_id, verdict, route_path)  # refuses unless shadow
+                    note["decision"] = "shadow_violation"
+                    categories = ",".join(verdict.categories).encode("latin-1", "replace")
+                    forward = _adding_header(send, SHADOW_HEADER, categories)
+                elif failed_open:
+                    decision = "fail_open"
+                # Checked again now that the body is in and judged: a call opened before a
+                # block must not slip through after it.
+                known, block = store.cached_block(user_id)
+                if not known:
+                    await self._check_block(user_id)
+                elif block is not None:
+                    raise self._blocked(block)
+                if verdict is None:
+                    note["decision"] = decision
+                if self.safety_salt is not None and "safety_identifier" not in request:
+                    scope, body = self._with_safety_identifier(scope, body, request, user_id)
+                await self.app(scope, replaying(body, receive), forward)
             finally:
-                self.body_budget.give(held)
+                budget.give(held)
         except Refused as refused:
             note["decision"] = refused.decision
             await refused.error.send(send)
@@ -132,98 +166,89 @@ class ModerationMiddleware:
             note["decision"] = "server_busy" if error.code == "server_busy" else "invalid"
             await error.send(send)
 
-    async def _judge_and_forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        headers: dict[bytes, bytes],
-        user_id: str,
-        route: str,
-        route_path: str,
-        body: bytes,
-        note: dict[str, Any],
-    ) -> None:
-        encoding = headers.get(b"content-encoding")
-        if len(body) > _OFFLOAD_BYTES:
-            request, user_input = await asyncio.to_thread(_read_input, route, encoding, body)
-        else:
-            request, user_input = _read_input(route, encoding, body)
-        verdict, failed_open = await self.cascade.judge(user_input, headers.get(b"authorization"))
-        forward = send
-        if verdict is not None:
-            violation = Violation(verdict=verdict, path=_audit_path(scope, route_path))
-            shadow = self.enforcement == "shadow"
-            for category in verdict.categories:
-                VIOLATIONS.labels(category, verdict.detector, "true" if shadow else "false").inc()
-            log.info(
-                "violation",
-                user_id=user_id,
-                path=violation.path,
-                detector=verdict.detector,
-                categories=list(verdict.categories),
-                rule=verdict.rule,
-                shadow=shadow,
-            )
-            if not shadow:
-                await self._strike(user_id, violation)  # always refuses
-            await self._record_shadow(user_id, violation)
-            note["decision"] = "shadow_violation"
-            forward = _adding_header(send, SHADOW_HEADER, ",".join(verdict.categories).encode("latin-1", "replace"))
-        # Checked again now that the body is in and judged: a call opened before a block must
-        # not slip through after it.
-        decision = self._cached_decision(user_id) or await self._check_block(user_id)
-        if verdict is None:
-            note["decision"] = "fail_open" if failed_open else decision
-        if self.safety_salt is not None and "safety_identifier" not in request:
-            identifier = hmac.new(self.safety_salt, user_id.encode(), hashlib.sha256).hexdigest()[:64]
-            body = add_member(body, request, "safety_identifier", identifier)
-            scope = dict(scope)
-            scope["headers"] = [
-                *((key, value) for key, value in scope["headers"] if key not in _BODY_FRAMING),
-                (b"content-length", str(len(body)).encode()),
-            ]
-        await self.app(scope, replaying(body, receive), forward)
+    async def _violation(self, scope: Scope, user_id: str, verdict: Verdict, route_path: str) -> None:
+        """Count, log and record a flagged call: a strike (which refuses it), or in shadow mode an audit."""
+        violation = Violation(verdict=verdict, path=_audit_path(scope, route_path))
+        shadow = self.enforcement == "shadow"
+        for category in verdict.categories:
+            VIOLATIONS.labels(category, verdict.detector, "true" if shadow else "false").inc()
+        log.info(
+            "violation",
+            user_id=user_id,
+            path=violation.path,
+            detector=verdict.detector,
+            categories=list(verdict.categories),
+            rule=verdict.rule,
+            shadow=shadow,
+        )
+        if not shadow:
+            await self._strike(user_id, violation)  # always refuses
+        await self._record_shadow(user_id, violation)
 
-    def _check_path(self, scope: Scope) -> None:
+    def _with_safety_identifier(
+        self, scope: Scope, body: bytes, request: dict[str, Any], user_id: str
+    ) -> tuple[Scope, bytes]:
+        assert self.safety_salt is not None
+        identifier = hmac.new(self.safety_salt, user_id.encode(), hashlib.sha256).hexdigest()[:64]
+        body = add_member(body, request, "safety_identifier", identifier)
+        scope = dict(scope)
+        scope["headers"] = [
+            *((key, value) for key, value in scope["headers"] if key not in _BODY_FRAMING),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        return scope, body
+
+    def _check_path(self, raw: bytes, scope: Scope) -> None:
         # The path the proxy forwards (the client's, as sent) must be the one judged here.
-        raw: bytes | None = scope.get("raw_path")
-        if raw is None or self._plain_paths.get(raw):
-            return
         root = scope.get("root_path", "").encode("latin-1")
         problem = path_problem((raw[len(root) :] if raw.startswith(root) else raw).decode("latin-1"))
         if problem is not None:
             raise Refused("invalid", invalid_path(problem))
         if len(self._plain_paths) < _PATHS_CACHED:  # paths are the client's choice: keep only so many
-            self._plain_paths[raw] = True
+            self._plain_paths.add(raw)
 
-    def _user_id(
-        self, headers: dict[bytes, bytes], raw_headers: Sequence[tuple[bytes, bytes]], note: dict[str, Any]
-    ) -> str:
+    def _user_id(self, scope: Scope, note: dict[str, Any]) -> tuple[str, dict[bytes, bytes]]:
+        """The user the call names, and the call's headers by name (the first of each name)."""
+        raw_headers = scope["headers"]
+        if not isinstance(raw_headers, list | tuple):
+            raw_headers = list(raw_headers)
+        # by (lower-case) name, the first of each name winning, in one C call
+        headers: dict[bytes, bytes] = dict(reversed(raw_headers))
         key = self.user_header_key
         raw = headers.get(key)
-        # A header name given twice makes the dict shorter than the list: only then count this one.
-        repeated = (
-            raw is not None
-            and len(headers) != len(raw_headers)
-            and sum(1 for name, _ in raw_headers if name == key) > 1
-        )
-        user_id = user_id_from(raw, self.user_header, repeated)
+        if raw is None:
+            raise Refused(
+                "invalid",
+                GatewayError(400, "missing_user_id", f"Send the end user's id in the {self.user_header} header."),
+            )
+        # A name given twice makes the dict shorter than the list: only then count this header's lines.
+        if len(headers) != len(raw_headers) and sum(1 for name, _ in raw_headers if name == key) > 1:
+            # Which of two lines names the user is a guess the gateway and the upstream could make apart.
+            raise Refused(
+                "invalid",
+                GatewayError(
+                    400, "invalid_user_id", f"Send the {self.user_header} header once; it came more than once."
+                ),
+            )
+        try:
+            user_id = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            user_id = ""
+        if user_id_problem(user_id) is not None:
+            raise Refused(
+                "invalid",
+                GatewayError(
+                    400,
+                    "invalid_user_id",
+                    f"The {self.user_header} header must be 1 to {MAX_USER_ID_LENGTH} characters of UTF-8 text "
+                    "without control characters.",
+                ),
+            )
         app = note.get("app")
-        if self.users_per_app and app is not None:
+        if app is not None and self.users_per_app:
             user_id = f"{app}:{user_id}"  # one application's users are not another's
         note["user_id"] = user_id
-        return user_id
-
-    def _cached_decision(self, user_id: str) -> str | None:
-        """ "allow" when the store tells from memory that the user is not blocked; refuses a
-        blocked one; None when only `_check_block` can tell (no coroutine on the common path)."""
-        known, block = self.store.cached_block(user_id)
-        if not known:
-            return None
-        if block is not None:
-            raise self._blocked(block)
-        return "allow"
+        return user_id, headers
 
     async def _check_block(self, user_id: str) -> str:
         """The decision so far ("allow" or "fail_open"), asking the store; refuses a blocked user."""

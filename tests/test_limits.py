@@ -68,15 +68,15 @@ async def test_a_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> No
 
 async def test_one_client_address_holds_at_most_its_share() -> None:
     budget = CallBudget(10, wait=5, per_client=2, exempt=lambda address: address == "10.0.0.1")
-    a = budget.client_key(("203.0.113.5", 40000))
+    a = budget.key(("203.0.113.5", 40000))
     assert a == "203.0.113.5"
     await budget.acquire(a)
     await budget.acquire(a)
     with pytest.raises(GatewayError) as refused:
         await budget.acquire(a)  # at once, without waiting for the total
     assert refused.value.code == "server_busy"
-    await budget.acquire(budget.client_key(("198.51.100.7", 1)))  # another address is not affected
-    proxy = budget.client_key(("10.0.0.1", 1))
+    await budget.acquire(budget.key(("198.51.100.7", 1)))  # another address is not affected
+    proxy = budget.key(("10.0.0.1", 1))
     assert proxy is None  # a trusted proxy speaks for many clients: no share of its own
     for _ in range(3):
         await budget.acquire(proxy)

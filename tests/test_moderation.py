@@ -628,6 +628,7 @@ async def test_a_violation_is_never_forwarded_when_the_store_fails(
         b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"forbidden","text":"hi"}]}]}',
         # a colon spelled as an escape must not hide a duplicate from the count
         b'{"model":"m\\u003a","messages":[],"messages":[{"role":"user","content":"hi"}]}',
+        b'{"model":"u003","messages":[],"messages":[{"role":"user","content":"hi"}]}',
     ],
 )
 async def test_a_body_with_a_key_twice_in_one_object_is_refused(
@@ -646,6 +647,7 @@ async def test_a_body_with_a_key_twice_in_one_object_is_refused(
     [
         b'{"model":"m","messages":[{"role":"user","content":"a: b :: c"}],"metadata":{"k:1":"v:2"}}',
         b'{"model":"m\\u003a","messages":[{"role":"user","content":"x\\u003Ay"}]}',
+        b'{"model":"u003","messages":[{"role":"user","content":"\\\\u003a is not a colon"}]}',
         b'{"a":{"b":{"c":[{"d":1},{"d":2}]}},"messages":[]}',
     ],
 )
