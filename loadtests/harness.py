@@ -1,4 +1,4 @@
-"""What the load scripts (smoke, soak, bench) share to run the gateway and its peers as processes."""
+"""What the load scripts (smoke, soak, bench) and the tests share to run the gateway and its peers as processes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +14,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from gateway.settings import Settings, variable_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The variables the gateway's settings read without its GATEWAY_ prefix (OPENAI_API_KEY, ...).
+_SETTING_VARIABLES = frozenset(variable_name(field) for field in Settings.model_fields)
+
+
+def gateway_variable(name: str) -> bool:
+    """True for an environment variable the gateway reads: a child or a test must not inherit it."""
+    return name.startswith("GATEWAY_") or name in _SETTING_VARIABLES
+
+
 def free_port() -> int:
+    """A loopback port free right now, for a server started as a process."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -25,14 +38,17 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child process: nothing of the caller's gateway configuration (or a
-    real OpenAI key) leaks into the run, and the project is importable."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
-    }
+    real OpenAI key) leaks into the run, the project is importable, plus `extra`."""
+    env = {key: value for key, value in os.environ.items() if not gateway_variable(key)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return {**env, **extra}
+
+
+def spawn(command: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start `command` with its output in `log`; `cwd` away from the project root, so that a
+    developer's `.env` there stays out of the run."""
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=out)
 
 
 def gateway_env(

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database
+from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database, spawn
 
 REQUIRED_REQUESTS = ("chat", "chat (stream)", "violation")
 
@@ -95,29 +95,25 @@ def run(args: argparse.Namespace) -> None:
             GATEWAY_SHUTDOWN_GRACE="5",
             GATEWAY_LOG_LEVEL="warning",
         )
-        with mock_log.open("wb") as mock_out, gateway_log.open("wb") as gateway_out:
-            # cwd=scratch: the gateway must not pick up a developer's .env from the project root.
-            mock = subprocess.Popen(mock_cmd, cwd=scratch, env=child_env(), stdout=mock_out, stderr=mock_out)
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway"], cwd=scratch, env=environment, stdout=gateway_out, stderr=gateway_out
-            )
+        mock = spawn(mock_cmd, mock_log, Path(scratch), child_env())
+        gateway = spawn([sys.executable, "-m", "gateway"], gateway_log, Path(scratch), environment)
+        try:
+            _wait_http(f"http://127.0.0.1:{mock_port}/v1/models", mock, "mock upstream", 30)
             try:
-                _wait_http(f"http://127.0.0.1:{mock_port}/v1/models", mock, "mock upstream", 30)
-                try:
-                    _wait_http(f"{gateway_url}/healthz", gateway, "gateway", 90)
-                except SmokeFailed as exc:
-                    raise SmokeFailed(f"{exc}; log:\n{_tail(gateway_log)}") from None
-                locust_cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py")]
-                locust_cmd += ["--headless", "--host", gateway_url, "--users", str(args.users)]
-                locust_cmd += ["--spawn-rate", str(args.spawn_rate), "--run-time", f"{args.seconds}s"]
-                locust_cmd += ["--stop-timeout", "5", "--csv", str(prefix), "--only-summary"]
-                locust_env = child_env(GATEWAY_ADMIN_TOKEN=admin_token)
-                locust = subprocess.run(locust_cmd, env=locust_env, check=False, timeout=args.seconds + 120)
+                _wait_http(f"{gateway_url}/healthz", gateway, "gateway", 90)
+            except SmokeFailed as exc:
+                raise SmokeFailed(f"{exc}; log:\n{_tail(gateway_log)}") from None
+            locust_cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py")]
+            locust_cmd += ["--headless", "--host", gateway_url, "--users", str(args.users)]
+            locust_cmd += ["--spawn-rate", str(args.spawn_rate), "--run-time", f"{args.seconds}s"]
+            locust_cmd += ["--stop-timeout", "5", "--csv", str(prefix), "--only-summary"]
+            locust_env = child_env(GATEWAY_ADMIN_TOKEN=admin_token)
+            locust = subprocess.run(locust_cmd, env=locust_env, check=False, timeout=args.seconds + 120)
+        finally:
+            try:
+                gateway_code = _stop(gateway, timeout=30)
             finally:
-                try:
-                    gateway_code = _stop(gateway, timeout=30)
-                finally:
-                    _stop(mock, timeout=10)
+                _stop(mock, timeout=10)
         if locust.returncode != 0:
             raise SmokeFailed(f"locust exited with code {locust.returncode} (failures or errors above)")
         if gateway_code != 0:

@@ -47,7 +47,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from loadtests.harness import child_env, free_port, gateway_env
+from loadtests.harness import child_env, free_port, gateway_env, spawn
 from loadtests.mock_upstream import MockConfig, create_app
 
 ADMIN_TOKEN = "soak-admin-token"
@@ -351,11 +351,8 @@ def start(args: argparse.Namespace, dsn: str, scratch: Path) -> Processes:
         GATEWAY_SHUTDOWN_GRACE="5",
         GATEWAY_LOG_LEVEL="warning",
     )
-    with mock_log.open("wb") as mock_out, gateway_log.open("wb") as gateway_out:
-        mock = subprocess.Popen(mock_cmd, cwd=scratch, env=child_env(), stdout=mock_out, stderr=mock_out)
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], cwd=scratch, env=environment, stdout=gateway_out, stderr=gateway_out
-        )
+    mock = spawn(mock_cmd, mock_log, scratch, child_env())
+    gateway = spawn([sys.executable, "-m", "gateway"], gateway_log, scratch, environment)
     return Processes(mock, f"http://127.0.0.1:{mock_port}", gateway, f"http://127.0.0.1:{gateway_port}")
 
 

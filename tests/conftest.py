@@ -26,6 +26,7 @@ import pytest
 from gateway.database import Database, migrate
 from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
+from loadtests.harness import gateway_variable
 
 SettingsFactory = Callable[..., Settings]
 
@@ -139,6 +140,15 @@ def data_dir() -> Iterator[Path]:
     """A GATEWAY_DATA_DIR an embedded PostgreSQL can use (see outside_pytest_tmp)."""
     with outside_pytest_tmp() as path:
         yield path
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings read the environment and the working directory's `.env`: isolate both."""
+    for name in list(os.environ):
+        if gateway_variable(name):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ and the sync OpenAI client can all talk to it over real HTTP.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import uvicorn
@@ -86,26 +84,3 @@ def run_app(
         server.should_exit = True
         thread.join(shutdown_timeout + 5)
         sock.close()
-
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A loopback port free right now, for a server the test starts as a process."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def gateway_env(**values: str) -> dict[str, str]:
-    """The environment for `python -m gateway` as a child: the caller's without any gateway
-    setting or real key, the project importable, plus `values`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("GATEWAY_") and key not in ("OPENAI_API_KEY", "DATABASE_URL")
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    return {**env, **values}

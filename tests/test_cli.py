@@ -15,15 +15,15 @@ import asyncpg
 import httpx2
 import pytest
 
+from loadtests.harness import child_env, free_port
 from tests.conftest import run_sync
-from tests.servers import free_port, gateway_env
 from tests.upstream import MockUpstream
 
 
 def _run(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *variables.pop("ARGS", "").split()],
-        env=gateway_env(**variables),
+        env=child_env(**variables),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -90,7 +90,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_exits_0(
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway"],
-        env=gateway_env(
+        env=child_env(
             DATABASE_URL=database_url,
             GATEWAY_PORT=str(port),
             GATEWAY_UPSTREAM_URL=slow_upstream.url,

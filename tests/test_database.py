@@ -14,8 +14,8 @@ import pytest
 from gateway.database import Database, migrate, redact
 from gateway.settings import Settings
 from gateway.store import Policy, Store
+from loadtests.harness import free_port
 from middleware.protocols import Block, StoreUnavailable
-from tests.servers import free_port
 
 SettingsFactory = Callable[..., Settings]
 

@@ -6,7 +6,6 @@ Dockerfile is linted with hadolint. CI's `container` job builds and runs the sta
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -29,14 +28,7 @@ PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Settings read the environment and `.env` of the working directory: isolate both.
-    for name in list(os.environ):
-        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL", "FORWARDED_ALLOW_IPS"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 SETTINGS = {variable_name(field): field for field in Settings.model_fields}
 

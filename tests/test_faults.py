@@ -27,7 +27,8 @@ from prometheus_client import REGISTRY
 from gateway.app import create_app
 from gateway.database import is_dropped_connection, is_unavailable
 from gateway.settings import Settings
-from tests.servers import free_port, run_app
+from loadtests.harness import free_port
+from tests.servers import run_app
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]

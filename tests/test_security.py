@@ -21,7 +21,8 @@ from gateway.admin import admin_app
 from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.servers import free_port, gateway_env, run_app
+from loadtests.harness import child_env, free_port
+from tests.servers import run_app
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
@@ -110,7 +111,7 @@ def gateway_process(env: dict[str, str], port: int) -> Iterator[tuple[subprocess
 @pytest.mark.faults
 def test_the_open_relay_guard_stops_the_process_without_echoing_the_key(database_url: str) -> None:
     key = "sk-proj-DoNotLeakThis0123456789"
-    env = gateway_env(
+    env = child_env(
         OPENAI_API_KEY=key, GATEWAY_HOST="0.0.0.0", GATEWAY_PORT=str(free_port()), DATABASE_URL=database_url
     )
     result = subprocess.run(
@@ -129,7 +130,7 @@ def test_the_open_relay_guard_stops_the_process_without_echoing_the_key(database
 @pytest.mark.faults
 def test_the_open_relay_guard_can_be_overridden(database_url: str) -> None:
     port = free_port()
-    env = gateway_env(
+    env = child_env(
         OPENAI_API_KEY="sk-test-key",
         GATEWAY_HOST="0.0.0.0",
         GATEWAY_PORT=str(port),
@@ -162,7 +163,7 @@ def test_no_key_token_or_prompt_text_in_any_log_line(database_url: str) -> None:
     }
     port = free_port()
     with MockUpstream() as upstream:
-        env = gateway_env(
+        env = child_env(
             GATEWAY_PORT=str(port),
             GATEWAY_UPSTREAM_URL=upstream.url,
             GATEWAY_MODERATION="openai,rules",
@@ -224,7 +225,7 @@ def test_no_key_token_or_prompt_text_in_any_log_line(database_url: str) -> None:
 @pytest.mark.faults
 def test_oversized_request_headers_are_refused(database_url: str) -> None:
     port = free_port()
-    env = gateway_env(GATEWAY_PORT=str(port), GATEWAY_SHUTDOWN_GRACE="1", DATABASE_URL=database_url)
+    env = child_env(GATEWAY_PORT=str(port), GATEWAY_SHUTDOWN_GRACE="1", DATABASE_URL=database_url)
     with (
         gateway_process(env, port),
         socket.create_connection(("127.0.0.1", port), timeout=10) as sock,

@@ -4,16 +4,7 @@ import pytest
 
 from gateway.settings import Settings, SettingsError, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Settings read the environment and `.env` of the working directory: isolate both.
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("GATEWAY_") or name in ("OPENAI_API_KEY", "DATABASE_URL", "FORWARDED_ALLOW_IPS"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def test_defaults_follow_the_contract() -> None:
