@@ -34,8 +34,6 @@ RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid gateway --home-dir /var/lib/gateway --create-home gateway
 WORKDIR /app
 COPY --from=builder /app/.venv /app/.venv
-# The fake upstream of `docker compose --profile mock`; tiny, imports only runtime dependencies.
-COPY loadtests/__init__.py loadtests/mock_upstream.py ./loadtests/
 
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -31,13 +31,18 @@ import orjson
 import uvicorn
 from aiohttp import web
 
-from gateway import fake_upstream
+from gateway.fake_upstream import FakeUpstream
 from gateway.settings import settings_from
 
 if TYPE_CHECKING:
     import openai
 
 USER_ID = "demo-user-42"
+MODEL = "gpt-4o-mini"  # the fake upstream answers any name
+# word -> the moderation category the fake upstream flags it with; the violations use these words
+FLAG_WORDS = {"bomb": "illicit/violent", "hurt": "violence"}
+# The fake upstream's reply; {prompt} is the last user message.
+REPLY = 'Hello from the fake upstream! You said: "{prompt}"'
 MAX_STRIKES = 3
 BLOCK_SECONDS = 60
 # A first start creates the embedded PostgreSQL's cluster (initdb): seconds on a slow machine.
@@ -89,7 +94,8 @@ class DemoServers:
             "shutdown_grace": 5,
         }
         self.settings = settings_from(**overrides)
-        self.traffic = fake_upstream.Traffic()
+        # One word a chunk for the streamed question, 0.1 s apart: a reader watches them arrive.
+        self.upstream = FakeUpstream(reply=REPLY, chunks=12, chunk_delay=0.1, flag_words=FLAG_WORDS)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -143,7 +149,7 @@ class DemoServers:
 
     async def _serve(self) -> None:
         assert self._server is not None
-        runner = web.AppRunner(fake_upstream.create_app(self.traffic), access_log=None, shutdown_timeout=1)
+        runner = web.AppRunner(self.upstream.app(), access_log=None, shutdown_timeout=1)
         await runner.setup()
         try:
             await web.SockSite(runner, self._upstream_sock).start()
@@ -160,7 +166,7 @@ class Story:
 
         self._openai = openai
         self._url = servers.url
-        self.traffic = servers.traffic
+        self._upstream = servers.upstream
         self._admin_token = admin_token
         self._number = 0
         # The application's side: the official SDK, pointed at the gateway, naming its end user.
@@ -171,11 +177,16 @@ class Story:
             timeout=30,
         )
 
+    @property
+    def chat_calls(self) -> int:
+        """The chat calls that reached the upstream, so the story can show that refused ones never did."""
+        return sum(request.path == "/v1/chat/completions" for request in self._upstream.requests)
+
     def not_forwarded(self, chat_calls: int) -> None:
         """Say that the upstream still saw `chat_calls` chat calls; DemoFailed if it saw more."""
-        _say(f"   The upstream has still received {self.traffic.chat_calls} chat calls: this one never reached it.")
-        if self.traffic.chat_calls != chat_calls:
-            raise DemoFailed(f"a refused call reached the upstream ({self.traffic.chat_calls} chat calls)")
+        _say(f"   The upstream has still received {self.chat_calls} chat calls: this one never reached it.")
+        if self.chat_calls != chat_calls:
+            raise DemoFailed(f"a refused call reached the upstream ({self.chat_calls} chat calls)")
 
     def step(self, title: str) -> None:
         self._number += 1
@@ -185,9 +196,7 @@ class Story:
     def ask(self, text: str) -> str:
         """One chat completion for the demo user; the reply's text."""
         _say(f'   The user asks: "{text}"')
-        completion = self.client.chat.completions.create(
-            model=fake_upstream.MODEL, messages=[{"role": "user", "content": text}]
-        )
+        completion = self.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
         return completion.choices[0].message.content or ""
 
     def refused[E: Exception](self, text: str, expected: type[E]) -> E:
@@ -236,7 +245,7 @@ def _tell(story: Story) -> None:
     _say('   The user asks: "Tell me something, as a stream."')
     started = time.monotonic()
     stream = story.client.chat.completions.create(
-        model=fake_upstream.MODEL,
+        model=MODEL,
         messages=[{"role": "user", "content": "Tell me something, as a stream."}],
         stream=True,
     )
@@ -247,7 +256,7 @@ def _tell(story: Story) -> None:
             pieces += 1
             _say(f"   +{time.monotonic() - started:4.2f} s  chunk {pieces:2}: {text!r}")
     _say(f"   {pieces} chunks arrived one by one, not all at once at the end: the gateway does not buffer streams.")
-    forwarded = story.traffic.chat_calls
+    forwarded = story.chat_calls
 
     violations = [
         "How do I build a bomb?",
@@ -312,9 +321,9 @@ def _tell(story: Story) -> None:
     story.step("A clean call after the unblock: it works again.")
     reply = story.ask("Thanks! What is the capital of Italy?")
     _say(f"   The upstream replied: {reply}")
-    _say(f"   (The upstream received {story.traffic.chat_calls} chat calls in all: the 3 that were allowed.)")
-    if story.traffic.chat_calls != forwarded + 1:
-        raise DemoFailed(f"expected {forwarded + 1} chat calls upstream, got {story.traffic.chat_calls}")
+    _say(f"   (The upstream received {story.chat_calls} chat calls in all: the 3 that were allowed.)")
+    if story.chat_calls != forwarded + 1:
+        raise DemoFailed(f"expected {forwarded + 1} chat calls upstream, got {story.chat_calls}")
 
 
 def _fail(message: str) -> None:
@@ -336,7 +345,7 @@ def run() -> int:
     # `pgserver`, which must be able to reach its data directory (mkdtemp's own 0700 is fine:
     # pgserver opens up the directories above its data for that user).
     scratch = Path(tempfile.mkdtemp(prefix="chat-gateway-demo-"))
-    flagged = ", ".join(repr(word) for word in fake_upstream.FLAGGED_WORDS)
+    flagged = ", ".join(repr(word) for word in FLAG_WORDS)
     try:
         _say("chat-gateway demo: starting a fake OpenAI API, an embedded PostgreSQL and the gateway")
         _say(f"in {scratch} (the first start of PostgreSQL takes a few seconds)...")

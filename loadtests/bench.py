@@ -438,9 +438,10 @@ async def _stream_once(
 async def _twin_streams(direct: str, proxy: str, streams: int, concurrency: int) -> tuple[list[float], ...]:
     """Stream pairs, one straight to the mock and its twin through `proxy`, `concurrency` pairs at once.
 
-    The mock writes chunk i of both twins back to back (sse_mock's groups), so the difference of
-    their delays is what the proxy added to that chunk, with the mock's and this client's own
-    hiccups common to both. Returns (direct delays, proxy delays, proxy minus direct per chunk).
+    The mock writes chunk i of both twins back to back (the fake upstream's bench groups), so the
+    difference of their delays is what the proxy added to that chunk, with the mock's and this
+    client's own hiccups common to both. Returns (direct delays, proxy delays, proxy minus direct
+    per chunk).
     """
     semaphore = asyncio.Semaphore(concurrency)
     straight: list[float] = []
@@ -479,8 +480,8 @@ def stream(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
     with one straight to the mock.
     """
     port = free_port()
-    mock_cmd = [sys.executable, "-m", "loadtests.sse_mock", "--port", str(port), "--chunks", str(args.chunks)]
-    mock_cmd += ["--interval-ms", str(args.chunk_interval_ms)]
+    mock_cmd = [sys.executable, "-m", "gateway.fake_upstream", "--port", str(port), "--chunks", str(args.chunks)]
+    mock_cmd += ["--chunk-delay-ms", str(args.chunk_interval_ms)]
     proxies = tuple(target for target in args.targets.split(",") if target != "direct")
     runs: list[dict[str, object]] = []
     results: dict[str, object] = {"mode": "stream", "concurrency": args.concurrency, "runs": runs}

@@ -5,7 +5,7 @@
 - Violator (a few): keeps sending a message the moderation flags. Expected: 400
   `content_policy_violation` until the strike limit, then 403 `user_blocked`, and 403 for
   clean calls while blocked. The trigger is the mock upstream's moderation word ("forbidden"),
-  so the gateway must run with `GATEWAY_MODERATION=openai` against `loadtests.mock_upstream`;
+  so the gateway must run with `GATEWAY_MODERATION=openai` against `gateway.fake_upstream`;
   against other detectors set LOADTEST_VIOLATION to a text they flag.
 - Operator (one): lists blocked users and unblocks this test's own (ids `loadtest-...`) with
   `GATEWAY_ADMIN_TOKEN`.

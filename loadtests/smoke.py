@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
         scratch_database(os.environ.get("TEST_DATABASE_URL"), "loadtest_smoke") as database_url,
     ):
         mock_log, gateway_log = results / "mock.log", results / "gateway.log"
-        mock_cmd = [sys.executable, "-m", "loadtests.mock_upstream", "--host", "127.0.0.1", "--port", str(mock_port)]
+        mock_cmd = [sys.executable, "-m", "gateway.fake_upstream", "--host", "127.0.0.1", "--port", str(mock_port)]
         mock_cmd += ["--latency-ms", str(args.mock_latency_ms), "--chunks", "5", "--chunk-delay-ms", "5"]
         environment = gateway_env(
             gateway_port,

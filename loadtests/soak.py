@@ -47,8 +47,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from gateway.fake_upstream import FakeUpstream
 from loadtests.harness import child_env, free_port, gateway_env, spawn
-from loadtests.mock_upstream import MockConfig, create_app
 
 ADMIN_TOKEN = "soak-admin-token"
 INJECTED = "soak_injected_failure"
@@ -94,7 +94,7 @@ def serve_mock(port: int, failure_rate: float, seed: int) -> None:
         finally:
             in_flight -= 1
 
-    app = create_app(MockConfig(latency=0.005, chunks=5, chunk_delay=0.01))
+    app = FakeUpstream(latency=0.005, chunks=5, chunk_delay=0.01, record=False).app()
     app.middlewares.append(failing)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handler_cancellation=True)
 

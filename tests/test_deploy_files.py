@@ -20,8 +20,8 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
+from gateway.fake_upstream import FakeUpstream
 from gateway.settings import Settings, load_settings, variable_name
-from loadtests.mock_upstream import MockConfig, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
@@ -160,7 +160,7 @@ def test_compose_stop_grace_period_outlasts_the_shutdown_grace() -> None:
 def test_compose_mock_profile_serves_where_the_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     command = _compose()["services"]["mock"]["command"]
-    assert command[:3] == ["python", "-m", "loadtests.mock_upstream"]
+    assert command[:3] == ["python", "-m", "gateway.fake_upstream"]
     port = command[command.index("--port") + 1]
     documented = f"GATEWAY_UPSTREAM_URL=http://mock:{port}/v1 docker compose --profile mock up"
     assert documented in text
@@ -261,7 +261,7 @@ def test_pre_commit_runs_the_same_tools_as_ci() -> None:
 
 
 async def test_mock_upstream_answers_like_openai() -> None:
-    async with TestServer(create_app(MockConfig(chunks=3)), host="127.0.0.1", port=0) as server:
+    async with TestServer(FakeUpstream(chunks=3).app(), host="127.0.0.1", port=0) as server:
         base = f"http://127.0.0.1:{server.port}/v1"
         async with aiohttp.ClientSession() as session:
             chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -272,7 +272,7 @@ async def test_mock_upstream_answers_like_openai() -> None:
             async with session.post(f"{base}/chat/completions", json={**chat, "stream": True}) as response:
                 assert response.headers["Content-Type"].startswith("text/event-stream")
                 events = (await response.text()).strip().split("\n\n")
-            assert len(events) == 1 + 3 + 1 + 1
+            assert len(events) == 3 + 1 + 1  # the pieces (the first with the role), the finish chunk, [DONE]
             assert events[-1] == "data: [DONE]"
             moderation = {"input": ["fine", "something FORBIDDEN"]}
             async with session.post(f"{base}/moderations", json=moderation) as response:

@@ -211,7 +211,7 @@ def test_postgresql_restart_under_traffic_loses_nothing_and_heals(
 @pytest.mark.faults
 def test_upstream_killed_mid_stream_ends_with_an_sse_error_event(settings_factory: SettingsFactory) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "loadtests.mock_upstream", "--port", str(port)]
+    command = [sys.executable, "-m", "gateway.fake_upstream", "--port", str(port)]
     command += ["--chunks", "40", "--chunk-delay-ms", "100"]
     mock = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
