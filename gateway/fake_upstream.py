@@ -44,7 +44,8 @@ Behaviours, per request with the header `X-Mock: <spec>`, or per path with
 
 Records: `requests` (with `record`, the default: method, path, raw path, query, headers, body);
 `disconnects` counts answers whose client went away, `disconnected` (a threading.Event) is set at
-the first, `disconnect_times` holds their `time.monotonic()`; `reset()` clears them and `behaviors`.
+the first, `disconnect_times` holds their `time.monotonic()`; `reset()` clears them and `behaviors`
+and restores the knobs given to the constructor.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class FakeUpstream:
         self.chunk_delay = chunk_delay
         self.latency = latency
         self.flag_words = dict(FLAG_WORDS if flag_words is None else flag_words)
+        self._knobs = (reply, chunks, chunk_delay, latency, dict(self.flag_words))
         self.record = record
         self.requests: list[RecordedRequest] = []
         self.behaviors: dict[str, str] = {}
@@ -207,6 +209,9 @@ class FakeUpstream:
         return f"{self.base_url}/v1"
 
     def reset(self) -> None:
+        """Forget the records and behaviours, and take the constructor's reply, chunks, ... again."""
+        self.reply, self.chunks, self.chunk_delay, self.latency, flag_words = self._knobs
+        self.flag_words = dict(flag_words)
         self.requests.clear()
         self.behaviors.clear()
         self.disconnects = 0

@@ -27,6 +27,7 @@ from gateway.database import Database, migrate
 from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
 from loadtests.harness import gateway_variable
+from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
 
@@ -173,13 +174,36 @@ def settings_factory(database_url: str, data_dir: Path) -> SettingsFactory:
     return make
 
 
-@pytest.fixture
-async def store(settings_factory: SettingsFactory) -> AsyncIterator[Store]:
-    """An open Store on this test's fresh database (max_strikes=3, block_seconds=60)."""
-    settings = settings_factory(max_strikes=3, block_seconds=60)
+@asynccontextmanager
+async def open_store(settings_factory: SettingsFactory, **overrides: Any) -> AsyncIterator[Store]:
+    """An open Store on this test's database, with settings_factory(**overrides)."""
+    settings = settings_factory(**overrides)
     database = Database(settings)
     await database.open()
     try:
         yield Store(database, Policy.from_settings(settings))
     finally:
         await database.close()
+
+
+@pytest.fixture
+async def store(settings_factory: SettingsFactory) -> AsyncIterator[Store]:
+    """An open Store on this test's fresh database (max_strikes=3, block_seconds=60)."""
+    async with open_store(settings_factory, max_strikes=3, block_seconds=60) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def upstream_server() -> Iterator[MockUpstream]:
+    """A fake OpenAI upstream shared by the tests of a module (see `upstream`)."""
+    with MockUpstream() as mock:
+        yield mock
+
+
+@pytest.fixture
+def upstream(upstream_server: MockUpstream) -> MockUpstream:
+    """The module's fake upstream, reset for this test: no records, no behaviours, default knobs.
+
+    A module whose tests each need a server of their own defines its own `upstream`."""
+    upstream_server.reset()
+    return upstream_server

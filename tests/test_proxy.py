@@ -30,18 +30,9 @@ from tests.servers import run_app
 from tests.upstream import MockUpstream
 
 
-@pytest.fixture(scope="module")
-def mock_server() -> Iterator[MockUpstream]:
-    with MockUpstream() as mock:
-        yield mock
-
-
 @pytest.fixture
-def mock(mock_server: MockUpstream) -> MockUpstream:
-    mock_server.reset()
-    mock_server.chunk_delay = 0.0
-    mock_server.chunks = 4
-    return mock_server
+def mock(upstream: MockUpstream) -> MockUpstream:
+    return upstream
 
 
 _hop: list[str] = ["lean"]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 import asyncpg
 import orjson
@@ -16,6 +14,7 @@ from gateway.database import Database
 from gateway.settings import Settings
 from gateway.store import MAX_PAGE, NOTIFY_CHANNEL, Policy, Store, UserStatus, decode_cursor, encode_cursor, iso
 from middleware.protocols import Block, StoreUnavailable, Verdict, Violation
+from tests.conftest import open_store
 
 SettingsFactory = Callable[..., Settings]
 
@@ -25,17 +24,6 @@ def violation(category: str = "violence", *, path: str = "/v1/chat/completions")
         detector="rules", categories=(category,), text_sha256="ab" * 32, rule="bomb", scores={category: 0.9}
     )
     return Violation(verdict=verdict, path=path)
-
-
-@asynccontextmanager
-async def open_store(settings_factory: SettingsFactory, **overrides: Any) -> AsyncIterator[Store]:
-    settings = settings_factory(**overrides)
-    database = Database(settings)
-    await database.open()
-    try:
-        yield Store(database, Policy.from_settings(settings))
-    finally:
-        await database.close()
 
 
 async def db_now(database_url: str) -> datetime:
