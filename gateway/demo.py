@@ -94,7 +94,7 @@ class DemoServers:
             "shutdown_grace": 5,
         }
         self.settings = settings_from(**overrides)
-        # One word a chunk for the streamed question, 0.1 s apart: a reader watches them arrive.
+        # About a word a chunk for the streamed question, 0.1 s apart: a reader watches them arrive.
         self.upstream = FakeUpstream(reply=REPLY, chunks=12, chunk_delay=0.1, flag_words=FLAG_WORDS)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

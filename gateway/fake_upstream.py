@@ -381,13 +381,16 @@ class FakeUpstream:
         return response
 
     def _pieces(self, text: str) -> list[str]:
-        """`text` cut at spaces into `chunks` pieces that add up to it (empty ones at the end if short)."""
+        """`text` cut at spaces into `chunks` pieces that add up to it: the words spread evenly, or
+        one a piece and empty pieces after them when there are fewer words than chunks."""
         words = text.split(" ")
-        count = max(1, self.chunks)
-        size = -(-len(words) // count)
-        pieces = [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
-        pieces = [piece + (" " if i < len(pieces) - 1 else "") for i, piece in enumerate(pieces)]
-        return pieces + [""] * (count - len(pieces))
+        count, total = max(1, self.chunks), len(words)
+        ends = [total * i // count if total >= count else min(i, total) for i in range(1, count + 1)]
+        pieces, start = [], 0
+        for end in ends:
+            pieces.append(" ".join(words[start:end]) + (" " if start < end < total else ""))
+            start = end
+        return pieces
 
     def _text(self, payload: dict[str, Any]) -> str:
         if "{prompt}" in self.reply:
