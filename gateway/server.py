@@ -36,6 +36,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     timer is armed only when a chunk leaves a request unfinished. The same deadline keeps
     uvicorn's keep-alive timeout (an idle connection is closed `timeout_keep_alive` seconds after
     its last response), which uvicorn keeps with a timer made and cancelled per request.
+
+    The header cap counts the bytes of the request in progress, whatever the chunking: the
+    parser takes a whole header block from one chunk, however large, so a chunk that could
+    complete a block over the cap is fed to it in pieces no larger than the room left.
     """
 
     max_header_bytes = MAX_HEADER_BYTES
@@ -44,8 +48,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._counting = True  # the next bytes are headers (no request body is being received)
-        self._header_bytes = 0
+        self._header_bytes = 0  # bytes of the request whose headers are incomplete (never fewer)
         self._header_scope: object = None  # the scope whose header deadline is armed
         # One lazy timer per connection: chunks move a deadline (a float), and the timer, when it
         # fires, either acts or sleeps again until the current deadline.
@@ -60,36 +63,51 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._counting:
-            self._header_bytes += len(data)
+        header_bytes = self._header_bytes + len(data)
+        if header_bytes > self.max_header_bytes:
+            self._receive_in_pieces(data)
+            return
+        self._header_bytes = header_bytes
         super().data_received(data)
         cycle = self.cycle
         scope = self.scope
         if cycle is None or cycle.scope is not scope:
-            # A request has begun and its headers are not all here. Checked after parsing: a
-            # chunk that also carries a large body is not a large header.
-            if self._header_bytes > self.max_header_bytes:
-                if not self.transport.is_closing():
-                    self._refuse(
-                        431,
-                        "Request Header Fields Too Large",
-                        "request_headers_too_large",
-                        "Request headers exceed 64 KiB.",
-                    )
-            elif self._header_scope is not scope:  # its deadline runs from its first chunk
+            # A request has begun and its headers are not all here.
+            if self._header_scope is not scope:
+                # It began in this chunk, maybe after the end of another request: its own bytes are
+                # those after the chunk's last blank line, and its deadline runs from now.
                 self._header_scope = scope
-                self._counting = True  # (it may have begun in the chunk that ended a long body)
+                end = data.rfind(b"\r\n\r\n")
+                self._header_bytes = len(data) - end - 4 if end >= 0 else len(data)
                 self._deadline.set_in(self.header_timeout)
         elif cycle.more_body and not cycle.response_complete:
             # The body is still coming: each chunk restarts its silence timeout.
-            self._counting = False
             self._header_bytes = 0
             self._deadline.set_in(self.body_idle_timeout)
         else:
             # The request is complete; the next bytes start another one's headers.
-            self._counting = True
             self._header_bytes = 0
             self._deadline.clear()  # the timer stays pending; with no deadline it ends when it fires
+
+    def _receive_in_pieces(self, data: bytes) -> None:
+        # A chunk that could complete a header block over the cap (the parser takes a whole block
+        # in one chunk, whatever its size): fed in pieces no larger than the room the request in
+        # progress has left, so every block that completes within a piece is within the cap.
+        start = 0
+        while start < len(data):
+            room = self.max_header_bytes - self._header_bytes
+            if room <= 0:  # a request's headers have reached the cap and are still incomplete
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    "request_headers_too_large",
+                    "Request headers exceed 64 KiB.",
+                )
+                return
+            self.data_received(data[start : start + room])
+            start += room
+            if self.transport.is_closing() or self.transport.get_protocol() is not self or self.parser.should_upgrade():
+                return  # refused, closed or upgraded: the parser would not have read further either
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn's keep-alive timer is not used (see on_response_complete): nothing to cancel.
@@ -120,7 +138,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
         elif cycle is None or cycle.response_complete:
             self._refuse(408, "Request Timeout", "request_timeout", "The request headers did not arrive in time.")
-        # else: a pipelined request waits behind a response still streaming; that one goes first.
+        else:
+            # A pipelined request waits behind a response still streaming; that one goes first,
+            # and this one's headers are looked at again once it may have ended.
+            self._deadline.set_in(self.header_timeout)
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers a request its parser refuses in plain text; clients get the OpenAI shape.

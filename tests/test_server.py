@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -31,9 +32,30 @@ async def echo_length(request: Request) -> JSONResponse:
     return JSONResponse({"length": len(await request.body())})
 
 
+async def slow_answer(request: Request) -> JSONResponse:
+    await asyncio.sleep(0.6)  # longer than QuickProtocol's header deadline
+    return JSONResponse({"slow": True})
+
+
+SEEN: list[dict[str, str]] = []  # the headers of every request that reached the app
+
+
+async def seen(request: Request) -> JSONResponse:
+    SEEN.append(dict(request.headers))
+    await request.body()
+    return JSONResponse({"seen": len(SEEN)})
+
+
 @pytest.fixture
 def url() -> Iterator[str]:
-    app = Starlette(routes=[Route("/echo", echo_length, methods=["POST"])])
+    SEEN.clear()
+    app = Starlette(
+        routes=[
+            Route("/echo", echo_length, methods=["POST"]),
+            Route("/slow", slow_answer),
+            Route("/seen", seen, methods=["GET", "POST"]),
+        ]
+    )
     with run_app(app, http=QuickProtocol) as base:
         yield base
 
@@ -161,6 +183,59 @@ def test_oversized_headers_in_many_chunks_get_431(url: str) -> None:
     assert body["error"]["code"] == "request_headers_too_large"
 
 
+def _with_header_block_of(size: int) -> bytes:
+    """A GET of /seen whose header block, request line to blank line, is `size` bytes."""
+    head, end = b"GET /seen HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
+    return head + b"a" * (size - len(head) - len(end)) + end
+
+
+def test_a_header_block_of_the_cap_passes_and_one_byte_more_gets_431_in_one_send(url: str) -> None:
+    answers = []
+    for size in (QuickProtocol.max_header_bytes, QuickProtocol.max_header_bytes + 1):
+        with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+            sock.sendall(_with_header_block_of(size))
+            answers.append(sock.recv(65536).split(b"\r\n", 1)[0])
+    assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 431 Request Header Fields Too Large"]
+    assert len(SEEN) == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (b"", b""),
+        (b"", b"GET /seen HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (b"POST /seen HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhe", b"llo"),
+    ],
+    ids=["alone", "behind-a-request", "behind-a-body"],
+)
+def test_a_100_kb_header_block_in_one_send_gets_431_and_never_reaches_the_app(
+    url: str, first: bytes, then: bytes
+) -> None:
+    # The parser takes a whole header block from one chunk, whatever its size; the cap must
+    # hold per request there too, also when the block follows another request's end.
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        if first:
+            sock.sendall(first)
+            time.sleep(0.05)  # its own read, so the next send begins mid-body
+        sock.sendall(then + _with_header_block_of(100_000))
+        with suppress(ConnectionResetError):  # closed with part of the block unread
+            answer = _read_all(sock)
+    assert b"HTTP/1.1 431 Request Header Fields Too Large" in answer
+    assert not [headers for headers in SEEN if "x-pad" in headers]
+
+
+def test_many_small_pipelined_requests_in_one_send_are_all_answered(url: str) -> None:
+    # Three times the cap in one send: the pieces it is read in end inside requests, and each
+    # request counts its own header bytes only, not those of the requests before it.
+    requests = [_with_header_block_of(100 + n) for n in range(120)]
+    assert sum(map(len, requests)) > 3 * QuickProtocol.max_header_bytes
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(b"".join(requests) + b"GET /seen HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = _read_all(sock)
+    assert answer.count(b"HTTP/1.1 200 OK") == 121
+    assert len(SEEN) == 121
+
+
 def test_a_pipelined_request_whose_headers_stop_gets_408_after_the_first_answer(url: str) -> None:
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
         sock.sendall(
@@ -170,6 +245,18 @@ def test_a_pipelined_request_whose_headers_stop_gets_408_after_the_first_answer(
     assert first.startswith(b"HTTP/1.1 200")
     assert b'{"length":3}' in rest
     assert b"HTTP/1.1 408 Request Timeout" in rest
+
+
+def test_a_pipelined_request_whose_headers_stop_behind_a_slow_answer_gets_408_after_it(url: str) -> None:
+    # Its header deadline passes while the first answer is still being made; once that is sent,
+    # the unfinished request must still be refused, not held open for ever.
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"HTTP/1.1 408 Request Timeout" in answer
+    assert time.monotonic() - started < 2
 
 
 def test_a_body_arriving_slowly_but_steadily_is_not_cut(url: str) -> None:
