@@ -49,3 +49,9 @@ BLOCK_CACHE_VALID = Gauge(
     "1 while the block cache is listening and loaded (checks answered from memory); 0: checks query the database.",
 )
 BLOCK_CACHE_USERS = Gauge("gateway_block_cache_users", "Blocked users held in this worker's block cache.")
+SLOW_CLIENTS = Counter(
+    "gateway_slow_clients_total",
+    "Connections the server cut for a slow client, by reason: headers (not complete in time: 408), "
+    "body_rate (a body behind its minimum rate), body_silence (a body silent too long).",
+    ["reason"],
+)

@@ -36,10 +36,21 @@ class LazyDeadline:
 
     def set_in(self, seconds: float) -> None:
         """The deadline is `seconds` from now."""
+        # set_at's body, not a call to it: this runs per request and per upstream chunk.
         deadline = self._loop.time() + seconds
         self._deadline = deadline
         if self._timer is None or deadline < self._timer_when:
             self._schedule(deadline)
+
+    def set_at(self, when: float) -> None:
+        """The deadline is `when`, on the loop's clock."""
+        self._deadline = when
+        if self._timer is None or when < self._timer_when:
+            self._schedule(when)
+
+    def reached(self, when: float) -> bool:
+        """Whether `when` has passed, as the timer counts it (within its early margin)."""
+        return when <= self._loop.time() + _EARLY
 
     def clear(self) -> None:
         """No deadline; a pending timer ends when it fires."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -77,6 +78,11 @@ def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
+def slow_clients(reason: str) -> float:
+    """gateway_slow_clients_total{reason}: connections cut for a slow client."""
+    return REGISTRY.get_sample_value("gateway_slow_clients_total", {"reason": reason}) or 0.0
+
+
 def test_oversized_headers_get_431(url: str) -> None:
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
         sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192)
@@ -133,6 +139,7 @@ def test_the_servers_own_refusals_carry_a_request_id_and_an_access_line(
 def test_headers_that_never_finish_get_408(url: str, drip: int) -> None:
     # The deadline counts from the request's first byte, not from the last one: a slow drip (2 s
     # of a header line every 50 ms) is cut at the same 0.3 s as headers that simply stop.
+    before = slow_clients("headers")
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
         started = time.monotonic()
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
@@ -144,6 +151,7 @@ def test_headers_that_never_finish_get_408(url: str, drip: int) -> None:
     assert status == b"HTTP/1.1 408 Request Timeout"
     assert body["error"]["code"] == "request_timeout"
     assert time.monotonic() - started < 1.5
+    assert slow_clients("headers") == before + 1
 
 
 def test_a_silent_connection_is_closed(url: str) -> None:
@@ -153,11 +161,13 @@ def test_a_silent_connection_is_closed(url: str) -> None:
 
 
 def test_a_body_that_stops_arriving_is_cut(url: str) -> None:
+    before = slow_clients("body_silence")
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
         started = time.monotonic()
         assert sock.recv(65536) == b""  # closed without an answer: the app saw a disconnect
     assert time.monotonic() - started < 3
+    assert slow_clients("body_silence") == before + 1
 
 
 def test_large_bodies_and_keep_alive_still_work(url: str) -> None:
