@@ -10,7 +10,7 @@ import sys
 
 import uvicorn
 
-from gateway.server import GatewayHttpProtocol
+from gateway.server import protocol_for
 from gateway.settings import Settings, SettingsError, load_settings
 
 
@@ -30,7 +30,7 @@ def _serve(settings: Settings) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http=GatewayHttpProtocol,
+        http=protocol_for(settings),
         lifespan="on",
         access_log=False,
         log_config=None,

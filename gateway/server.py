@@ -11,9 +11,10 @@ upstream connection for as long as it lasts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -22,6 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from gateway.context import new_request_id
 from gateway.logs import access_log
 from gateway.metrics import SLOW_CLIENTS
+from gateway.settings import Settings
 from gateway.timers import LazyDeadline
 from middleware.errors import error_body
 
@@ -93,8 +95,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     body_timeout = BODY_TIMEOUT
     body_min_rate = BODY_MIN_RATE
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, body_timeout: float | None = None, body_min_rate: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if body_timeout is not None:  # given (protocol_for): the settings', else the class's
+            self.body_timeout = body_timeout
+        if body_min_rate is not None:
+            self.body_min_rate = body_min_rate
         self._header_bytes = 0  # bytes of the request whose headers are incomplete (never fewer)
         self._header_scope: object = None  # the scope whose header deadline is armed
         # A body is due `body_timeout` after it began plus `_seconds_per_byte` for each byte
@@ -275,3 +283,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 "decision": code,
             }
         )
+
+
+def protocol_for(settings: Settings) -> type[GatewayHttpProtocol]:
+    """The server protocol with these settings' body limits, for `uvicorn.Config(http=...)`.
+
+    A partial of the class, not a subclass: uvicorn only calls it, and with several workers it
+    pickles it into each worker process, which a class made here at run time could not survive.
+    """
+    protocol = functools.partial(
+        GatewayHttpProtocol, body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate
+    )
+    return cast("type[GatewayHttpProtocol]", protocol)

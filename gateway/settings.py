@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     # uvicorn's own variable: peers trusted to set X-Forwarded-For / X-Forwarded-Proto
     forwarded_allow_ips: str = _env("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
+    # extra: the server's limits on a request body (gateway/server.py): due `body_timeout`
+    # seconds after its headers plus a second for each `body_min_rate` bytes received
+    body_timeout: float = Field(20.0, gt=0, allow_inf_nan=False)
+    body_min_rate: float = Field(500.0, ge=0, allow_inf_nan=False)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, value: Any) -> Any:

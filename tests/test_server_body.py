@@ -1,16 +1,20 @@
 """The server protocol's limits on a request body: its minimum rate, its silence, and the time the
-server itself holds it, which is never the client's."""
+server itself holds it, which is never the client's; and which ways of running the gateway have
+the server's limits."""
 
 from __future__ import annotations
 
 import asyncio
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from typing import Any
 
+import httpx2
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,8 +23,9 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 from gateway.proxy import Upstream
-from gateway.server import GatewayHttpProtocol
-from tests.servers import run_app
+from gateway.server import GatewayHttpProtocol, protocol_for
+from gateway.settings import settings_from
+from tests.servers import free_port, gateway_env, run_app
 from tests.test_proxy import make_app, make_settings
 from tests.test_server import QuickProtocol, _port, _read_all, slow_clients
 from tests.upstream import MockUpstream
@@ -33,24 +38,29 @@ def _json_answer(sock: socket.socket) -> bytes:
     return answer
 
 
-class RateProtocol(GatewayHttpProtocol):
-    body_idle_timeout = 5.0  # never the cut here: pauses between chunks are a tenth of it
-    body_timeout = 0.5
-    body_min_rate = 100.0
+@contextmanager
+def _proxy(**limits: float) -> Iterator[tuple[int, MockUpstream]]:
+    """The gateway's proxy (no moderation) in front of a mock upstream, on the server protocol
+    with these body settings: (port, mock)."""
+    protocol = protocol_for(settings_from(**limits))
+    with MockUpstream() as mock, run_app(make_app(Upstream(make_settings(mock.url))), http=protocol) as url:
+        yield _port(url), mock
 
 
 @pytest.fixture
 def proxied() -> Iterator[tuple[int, MockUpstream]]:
-    """The gateway's proxy (no moderation) on RateProtocol in front of a mock upstream: (port, mock)."""
-    with MockUpstream() as mock, run_app(make_app(Upstream(make_settings(mock.url))), http=RateProtocol) as url:
-        yield _port(url), mock
+    """A body due 0.5 s after its headers plus a second for each 100 bytes received."""
+    with _proxy(body_timeout=0.5, body_min_rate=100) as proxy:
+        yield proxy
 
 
 def _trickle(port: int, pieces: int, piece: bytes, every: float) -> tuple[float | None, int]:
     """POST a body of `pieces` times `piece`, one piece each `every` seconds: (when the gateway
     closed the connection, counted from the headers, or None if it answered; pieces sent)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        head = b"POST /v1/uploads HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        head = (
+            b"POST /v1/uploads HTTP/1.1\r\nHost: x\r\nX-User-ID: u1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        )
         sock.sendall(head % (pieces * len(piece)))
         started = time.monotonic()
         for sent in range(pieces):
@@ -69,7 +79,7 @@ def test_a_body_below_the_minimum_rate_is_cut_at_its_deadline_and_never_reaches_
     before = slow_clients("body_rate")
     with capture_logs() as logs:
         # 10 bytes a second against a minimum of 100: due at 0.5 s + bytes / 100, about 0.56 s,
-        # long before its silence timeout (5 s) or its last byte (4 s).
+        # long before its silence timeout (30 s) or its last byte (4 s).
         closed_at, sent = _trickle(port, 40, b"x", 0.1)
     assert closed_at is not None
     assert 0.45 <= closed_at < 1.5
@@ -185,3 +195,69 @@ def test_a_body_still_coming_after_an_early_answer_does_not_hold_the_connection(
             assert sock.recv(65536) == b""
     assert 0.9 <= time.monotonic() - started < 2.5
     assert slow_clients("body_silence") == before  # not a slow client: the answer was sent
+
+
+def test_a_minimum_rate_of_0_makes_the_body_timeout_a_whole_body_deadline() -> None:
+    with _proxy(body_timeout=0.5, body_min_rate=0) as (port, mock):
+        # The steady body that passes at a minimum of 100 bytes a second (above) takes 1.2 s.
+        closed_at, _ = _trickle(port, 12, b"y" * 25, 0.1)
+        time.sleep(0.2)  # the proxy's abort reaches the upstream
+        assert mock.requests == []
+    assert closed_at is not None
+    assert 0.45 <= closed_at < 1.0
+
+
+@contextmanager
+def _serving(command: list[str], **variables: str) -> Iterator[int]:
+    """The gateway run by `command` (with GATEWAY_PORT / --port set to a free port), ready: its port."""
+    port = free_port()
+    command = [arg.replace("{port}", str(port)) for arg in command]
+    env = gateway_env(GATEWAY_PORT=str(port), GATEWAY_MODERATION="off", **variables)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with suppress(httpx2.TransportError):
+                if httpx2.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_python_m_gateway_applies_the_body_settings_also_with_workers(database_url: str) -> None:
+    # With several workers uvicorn pickles the protocol into each worker process (a class made
+    # at run time could not be: no worker would start).
+    with MockUpstream() as mock:
+        command = [sys.executable, "-m", "gateway"]
+        variables = {"GATEWAY_WORKERS": "2", "GATEWAY_BODY_TIMEOUT": "0.5", "GATEWAY_BODY_MIN_RATE": "100"}
+        with _serving(command, DATABASE_URL=database_url, GATEWAY_UPSTREAM_URL=mock.url, **variables) as port:
+            closed_at, _ = _trickle(port, 40, b"x", 0.1)
+            time.sleep(0.2)  # the proxy's abort reaches the upstream
+        assert mock.requests == []
+    assert closed_at is not None
+    assert 0.45 <= closed_at < 1.5
+
+
+def _header_block_of_100_kb() -> bytes:
+    return b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("options", "status"),
+    [(["--http", "gateway.server:GatewayHttpProtocol"], b"431"), ([], b"200")],
+    ids=["with-the-protocol", "uvicorns-own"],
+)
+def test_uvicorn_runs_the_factory_with_the_server_limits_only_given_the_gateways_protocol(
+    database_url: str, options: list[str], status: bytes
+) -> None:
+    command = [sys.executable, "-m", "uvicorn", "--factory", "gateway.app:create_app", "--port", "{port}", *options]
+    with _serving(command, DATABASE_URL=database_url) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_header_block_of_100_kb())
+        with suppress(ConnectionResetError):
+            answer = _read_all(sock)
+    assert answer.split(b" ", 2)[1] == status, answer[:200]

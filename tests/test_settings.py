@@ -81,6 +81,10 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
         ("GATEWAY_USER_HEADER", "X User", "GATEWAY_USER_HEADER: expected an HTTP header name"),
         ("GATEWAY_BLOCK_ESCALATION", "0.5", "GATEWAY_BLOCK_ESCALATION: Input should be greater than or equal to 1"),
         ("GATEWAY_ENFORCEMENT", "strict", "GATEWAY_ENFORCEMENT: Input should be 'enforce' or 'shadow'"),
+        ("GATEWAY_BODY_TIMEOUT", "0", "GATEWAY_BODY_TIMEOUT: Input should be greater than 0"),
+        ("GATEWAY_BODY_TIMEOUT", "inf", "GATEWAY_BODY_TIMEOUT: Input should be a finite number"),
+        ("GATEWAY_BODY_MIN_RATE", "-1", "GATEWAY_BODY_MIN_RATE: Input should be greater than or equal to 0"),
+        ("GATEWAY_BODY_MIN_RATE", "fast", "GATEWAY_BODY_MIN_RATE: Input should be a valid number"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(
