@@ -72,8 +72,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     has begun whose headers are incomplete when uvicorn's current scope is not its current
     cycle's (`on_message_begin` makes a scope, `on_headers_complete` a cycle holding it); its
     body is still coming while that cycle has `more_body`. Overriding the parser callbacks
-    instead costs a call each per request (docs/PERFORMANCE.md, the server protocol); here a
-    timer is armed only when a chunk leaves a request unfinished. The same deadline keeps
+    instead, each arming a timer, cost far more (docs/PERFORMANCE.md, "The server protocol");
+    here a timer is armed only when a chunk leaves a request unfinished. The same deadline keeps
     uvicorn's keep-alive timeout (an idle connection is closed `timeout_keep_alive` seconds after
     its last response), which uvicorn keeps with a timer made and cancelled per request.
 
@@ -103,7 +103,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.body_timeout = body_timeout
         if body_min_rate is not None:
             self.body_min_rate = body_min_rate
-        self._header_bytes = 0  # bytes of the request whose headers are incomplete (never fewer)
+        self._header_bytes = 0  # bytes so far of a request whose headers are incomplete (at least)
         self._header_scope: object = None  # the scope whose header deadline is armed
         # A body is due `body_timeout` after it began plus `_seconds_per_byte` for each byte
         # received (a rate of 0: a whole-body deadline); time the server held reading is added.
@@ -173,6 +173,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         return min(self.loop.time() + quiet, self._body_due + self._body_bytes * self._seconds_per_byte)
 
     def _reading_resumed(self, paused: float) -> None:
+        # The server held reading paused for `paused` seconds: the body gets them back.
         self._body_due += paused
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope and cycle.more_body:
@@ -186,6 +187,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         while start < len(data):
             room = self.max_header_bytes - self._header_bytes
             if room <= 0:  # a request's headers have reached the cap and are still incomplete
+                if self.transport.is_closing():
+                    return
                 self._refuse(
                     431,
                     "Request Header Fields Too Large",
