@@ -12,6 +12,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 
 import pytest
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.transport import LeanTransport, SessionTransport, lean_problem, open_transport
@@ -32,14 +33,29 @@ def test_uvicorn_has_what_the_server_protocol_overrides_and_calls() -> None:
             f"uvicorn {version('uvicorn')}: HttpToolsProtocol.{name} is gone; gateway/server.py relies on it"
         )
     # ... and the state it reads after each chunk (set in __init__ and per request).
-    for name in ("cycle", "scope", "flow", "pipeline", "server_state", "timeout_keep_alive", "transport", "loop"):
+    for name in (
+        "cycle",
+        "scope",
+        "flow",
+        "pipeline",
+        "server_state",
+        "timeout_keep_alive",
+        "transport",
+        "loop",
+        "parser",
+        "client",
+    ):
         assert name in _assigned(HttpToolsProtocol.__init__, HttpToolsProtocol.connection_made), (
             f"uvicorn {version('uvicorn')}: HttpToolsProtocol no longer sets self.{name}; gateway/server.py reads it"
         )
-    for name in ("scope", "more_body", "response_complete"):
+    for name in ("scope", "more_body", "response_complete", "body", "waiting_for_100_continue"):
         assert name in _assigned(RequestResponseCycle.__init__), (
             f"uvicorn {version('uvicorn')}: RequestResponseCycle no longer sets self.{name}; gateway/server.py reads it"
         )
+    # The flow control it replaces with one that times the pauses of reading.
+    assert callable(getattr(FlowControl, "pause_reading", None)), f"uvicorn {version('uvicorn')}: FlowControl changed"
+    assert callable(getattr(FlowControl, "resume_reading", None)), f"uvicorn {version('uvicorn')}: FlowControl changed"
+    assert "read_paused" in _assigned(FlowControl.__init__), f"uvicorn {version('uvicorn')}: FlowControl changed"
 
 
 def _assigned(*functions: Callable[..., object]) -> set[str]:
