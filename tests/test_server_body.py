@@ -25,7 +25,8 @@ from structlog.testing import capture_logs
 from gateway.proxy import Upstream
 from gateway.server import GatewayHttpProtocol, protocol_for
 from gateway.settings import settings_from
-from tests.servers import free_port, gateway_env, run_app
+from loadtests.harness import child_env, free_port
+from tests.servers import run_app
 from tests.test_proxy import make_app, make_settings
 from tests.test_server import QuickProtocol, _port, _read_all, slow_clients
 from tests.upstream import MockUpstream
@@ -212,7 +213,7 @@ def _serving(command: list[str], **variables: str) -> Iterator[int]:
     """The gateway run by `command` (with GATEWAY_PORT / --port set to a free port), ready: its port."""
     port = free_port()
     command = [arg.replace("{port}", str(port)) for arg in command]
-    env = gateway_env(GATEWAY_PORT=str(port), GATEWAY_MODERATION="off", **variables)
+    env = child_env(GATEWAY_PORT=str(port), GATEWAY_MODERATION="off", **variables)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
