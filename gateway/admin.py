@@ -27,24 +27,22 @@ from starlette.websockets import WebSocketClose
 
 from gateway.admin_openapi import build_document
 from gateway.settings import Settings
-from gateway.store import Store
+from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Store
 from middleware.asgi import Receive, Scope, Send, header
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 MAX_REASON = 1000
-MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-MAX_SECONDS = 100 * 365 * 86400  # longer than this is what `permanent` is for
 MAX_BODY_BYTES = 64 * 1024
 
 OPENAPI = build_document(
     max_user_id=MAX_USER_ID_LENGTH,
     max_reason=MAX_REASON,
-    max_limit=MAX_LIMIT,
+    max_limit=MAX_PAGE,
     default_limit=DEFAULT_LIMIT,
-    max_seconds=MAX_SECONDS,
+    max_seconds=MAX_BLOCK_SECONDS,
 )
 _OPENAPI_BYTES = orjson.dumps(OPENAPI)
 _LIMIT = re.compile(r"[0-9]{1,7}")
@@ -209,11 +207,11 @@ class AdminAPI:
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)
-                or not 0 < value <= MAX_SECONDS
+                or not 0 < value <= MAX_BLOCK_SECONDS
             ):
                 raise _invalid(
                     "seconds",
-                    f"seconds must be a number greater than 0 and at most {MAX_SECONDS}; "
+                    f"seconds must be a number greater than 0 and at most {MAX_BLOCK_SECONDS}; "
                     "for a block without end send permanent: true.",
                 )
             if permanent:
@@ -359,8 +357,8 @@ def _limit(query: dict[str, str]) -> int:
     raw = query.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise _invalid("limit", f"limit must be a whole number from 1 to {MAX_LIMIT}.")
+    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_PAGE:
+        raise _invalid("limit", f"limit must be a whole number from 1 to {MAX_PAGE}.")
     return int(raw)
 
 

@@ -26,6 +26,7 @@ from gateway.database import Database, is_dropped_connection, is_unavailable
 from gateway.metrics import BLOCK_CHECKS, BLOCK_EVENTS
 from gateway.settings import Settings
 from middleware.protocols import Block, StoreUnavailable, StrikeOutcome, Violation
+from middleware.users import user_id_problem
 
 log = structlog.get_logger(__name__)
 
@@ -34,9 +35,10 @@ Actor = Literal["policy", "admin", "expiry"]
 
 NOTIFY_CHANNEL = CHANNEL
 ACQUIRE_TIMEOUT = 5.0
-MAX_PAGE = 1000
-# The longest timed block (about 100 years); PostgreSQL intervals overflow far beyond it.
-MAX_BLOCK_SECONDS = 3.2e9
+MAX_PAGE = 1000  # the most users or events one call returns
+# The longest timed block, 100 years: longer is what a permanent block is for (and PostgreSQL
+# intervals overflow far beyond it).
+MAX_BLOCK_SECONDS = 100 * 365 * 86400
 _SWEEP_BATCH = 100
 
 # The user's row, locked (created if unknown), with its block state read on the database clock.
@@ -224,13 +226,14 @@ def encode_cursor(user_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
-    """The user id a cursor stands for; ValueError if it is not one of ours."""
+    """The user id a cursor stands for ("" for the empty cursor); ValueError if it is not one of ours."""
     try:
         user_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except ValueError:
         user_id = None
-    # b64decode skips characters outside the alphabet; a cursor we made re-encodes to itself.
-    if user_id is None or encode_cursor(user_id) != cursor:
+    # b64decode skips characters outside the alphabet; a cursor we made re-encodes to itself,
+    # and holds an id the gateway could have recorded (a NUL would reach PostgreSQL otherwise).
+    if user_id is None or encode_cursor(user_id) != cursor or (user_id and user_id_problem(user_id)):
         raise ValueError(f"not a valid cursor: {cursor!r}")
     return user_id
 

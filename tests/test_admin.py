@@ -15,7 +15,7 @@ from starlette.routing import Mount
 from gateway.admin import OPENAPI, AdminAPI, AuthThrottle, admin_app
 from gateway.database import Database
 from gateway.settings import Settings, settings_from
-from gateway.store import Policy, Store
+from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Policy, Store, encode_cursor
 from middleware.asgi import ASGIApp, Message, Scope
 from middleware.protocols import Verdict, Violation
 from middleware.users import user_id_problem
@@ -477,6 +477,23 @@ async def test_list_users_pages_with_a_cursor_and_filters_blocked(admin: httpx2.
 
 async def test_a_bad_cursor_is_400(admin: httpx2.AsyncClient) -> None:
     check_error(await admin.get("/admin/users?after=not-a-cursor!"), 400, "invalid_request", "after")
+
+
+@pytest.mark.parametrize("user_id", ["a\x00b", "a\nb", "x" * 257])
+async def test_a_cursor_holding_an_id_the_gateway_refuses_is_400(admin: httpx2.AsyncClient, user_id: str) -> None:
+    cursor = encode_cursor(user_id)
+    check_error(await admin.get(f"/admin/users?after={cursor}"), 400, "invalid_request", "after")
+    # the empty cursor is the first page, as before
+    assert check(await admin.get("/admin/users?after="), 200, "UserList") == {"data": [], "next": None}
+
+
+async def test_the_longest_block_and_page_are_the_stores(admin: httpx2.AsyncClient) -> None:
+    status = check(await admin.put("/admin/block/u", json={"seconds": MAX_BLOCK_SECONDS}), 200, "UserStatus")
+    assert seconds_until(status["blocked_until"]) > MAX_BLOCK_SECONDS - 60
+    too_long = await admin.put("/admin/block/u", json={"seconds": MAX_BLOCK_SECONDS + 1})
+    check_error(too_long, 400, "invalid_request", "seconds")
+    assert check(await admin.get(f"/admin/users?limit={MAX_PAGE}"), 200, "UserList")["data"][0]["user_id"] == "u"
+    check_error(await admin.get(f"/admin/users?limit={MAX_PAGE + 1}"), 400, "invalid_request", "limit")
 
 
 async def test_events_are_newest_first_and_limited(admin: httpx2.AsyncClient, store: Store) -> None:
