@@ -7,12 +7,9 @@ inside the id instead of reaching another route.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import math
 import re
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote, unquote_to_bytes
@@ -28,6 +25,7 @@ from starlette.websockets import WebSocketClose
 from gateway.admin_openapi import build_document
 from gateway.settings import Settings
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Store
+from gateway.throttle import AuthThrottle
 from middleware.asgi import Receive, Scope, Send, header
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
@@ -50,53 +48,6 @@ _LIMIT = re.compile(r"[0-9]{1,7}")
 log = structlog.get_logger("gateway.admin")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-class AuthThrottle:
-    """Slows down repeated admin-token failures from one client address.
-
-    After `free_failures` failures each further one waits longer (doubling up to `max_delay`)
-    before its 401; a success or `forget_after` seconds without failures clears the address.
-    It remembers at most `max_clients` addresses, dropping the least recently failed, so a flood
-    of addresses costs bounded memory. It slows a sequential guesser; the token's length is the
-    real defence.
-    """
-
-    def __init__(
-        self,
-        *,
-        free_failures: int = 5,
-        delay: float = 0.25,
-        max_delay: float = 4.0,
-        forget_after: float = 300.0,
-        max_clients: int = 4096,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._free = free_failures
-        self._delay = delay
-        self._max_delay = max_delay
-        self._forget_after = forget_after
-        self._max_clients = max_clients
-        self._sleep = sleep
-        self._clock = clock
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-    async def failed(self, address: str) -> None:
-        now = self._clock()
-        count, last = self._failures.pop(address, (0, now))
-        count = 1 if now - last > self._forget_after else count + 1
-        self._failures[address] = (count, now)
-        while len(self._failures) > self._max_clients:
-            self._failures.popitem(last=False)
-        if count > self._free:
-            await self._sleep(min(self._max_delay, self._delay * 2 ** (count - self._free - 1)))
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
 
 
 class AdminAPI:
@@ -172,13 +123,13 @@ class AdminAPI:
     async def _authenticate(self, scope: Scope) -> None:
         assert self._token is not None
         scheme, _, token = (header(scope, b"authorization") or b"").partition(b" ")
+        peer = _peer(scope)
         # compare_digest first and always, so the answer's timing says nothing about the token
         if hmac.compare_digest(token.strip(), self._token) and scheme.lower() == b"bearer":
-            self._throttle.succeeded(_address(scope))
+            self._throttle.succeeded(peer)
             return
-        address = _address(scope)
-        log.warning("admin_auth_failed", client=address)
-        await self._throttle.failed(address)
+        log.warning("admin_auth_failed", client=_client(scope), peer=peer)
+        await self._throttle.failed(peer)
         raise GatewayError(
             401,
             "invalid_admin_token",
@@ -282,7 +233,14 @@ def _encoded_route_path(scope: Scope) -> str:
     return ""
 
 
-def _address(scope: Scope) -> str:
+def _peer(scope: Scope) -> str:
+    """The socket peer's address: the throttle's key, which no X-Forwarded-For can change."""
+    peer = scope.get("state", {}).get("peer")
+    return peer if isinstance(peer, str) and peer else _client(scope)
+
+
+def _client(scope: Scope) -> str:
+    # The client address as the server reports it: a trusted proxy's X-Forwarded-For rewrites it.
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 

@@ -4,35 +4,32 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx2
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from structlog.testing import capture_logs
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from gateway.admin import OPENAPI, AdminAPI, AuthThrottle, admin_app
+from gateway.admin import OPENAPI, AdminAPI, admin_app
+from gateway.app import create_app
 from gateway.database import Database
 from gateway.settings import Settings, settings_from
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Policy, Store, encode_cursor
-from middleware.asgi import ASGIApp, Message, Scope
+from gateway.throttle import AuthThrottle
+from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 from middleware.protocols import Verdict, Violation
 from middleware.users import user_id_problem
 from tests.servers import run_app
+from tests.test_throttle import RecordingSleep
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 SettingsFactory = Callable[..., Settings]
-
-
-class RecordingSleep:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 def client_for(
@@ -213,20 +210,52 @@ async def test_repeated_auth_failures_from_one_address_are_slowed_down(admin_set
     assert len(sleep.delays) == 3, "a success clears the address"
 
 
-async def test_the_auth_throttle_forgets_and_stays_bounded() -> None:
-    now = [0.0]
+def behind_a_proxy(api: AdminAPI) -> ASGIApp:
+    """`api` as the gateway serves it behind a trusted proxy: the socket peer goes to
+    state["peer"] before uvicorn's middleware puts the X-Forwarded-For address in `client`."""
+    # uvicorn types its middleware with its own ASGI types: the app and it are plain ASGI here.
+    forwarded = cast("ASGIApp", ProxyHeadersMiddleware(cast("Any", mounted(api)), trusted_hosts="*"))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})["peer"] = scope["client"][0]
+        await forwarded(scope, receive, send)
+
+    return app
+
+
+async def test_the_throttle_keys_on_the_socket_peer_not_on_x_forwarded_for(admin_settings: Settings) -> None:
     sleep = RecordingSleep()
-    throttle = AuthThrottle(free_failures=1, delay=1, forget_after=60, max_clients=3, sleep=sleep, clock=lambda: now[0])
-    for index in range(10):
-        await throttle.failed(f"10.0.0.{index}")
-    assert len(throttle) == 3
-    await throttle.failed("10.0.0.9")
-    assert sleep.delays == [1]
-    now[0] = 61
-    await throttle.failed("10.0.0.9")
-    assert sleep.delays == [1], "failures older than forget_after start over"
-    await throttle.failed("10.0.0.0")  # evicted long ago: counts from 1 again
-    assert sleep.delays == [1]
+    throttle = AuthThrottle(free_failures=2, global_free_failures=1000, delay=0.5, max_delay=1.5, sleep=sleep)
+    app = behind_a_proxy(admin_app(closed_store(admin_settings), admin_settings, throttle=throttle))
+    transport = httpx2.ASGITransport(app=app, client=("10.0.0.7", 4321))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://gateway") as guesser:
+        with capture_logs() as logs:
+            for index in range(5):  # a made-up address on every guess
+                answer = await guesser.get("/admin/stats", headers={"X-Forwarded-For": f"203.0.113.{index}"})
+                check_error(answer, 401, "invalid_admin_token")
+    assert sleep.delays == [0.5, 1.0, 1.5]
+    # The log still shows the address the proxy reported, beside the peer.
+    failures = [(line["client"], line["peer"]) for line in logs if line["event"] == "admin_auth_failed"]
+    assert failures == [(f"203.0.113.{index}", "10.0.0.7") for index in range(5)]
+
+
+def test_the_gateway_gives_the_admin_api_the_socket_peer(settings_factory: SettingsFactory) -> None:
+    # The whole app on a real server: loopback is a trusted proxy, so X-Forwarded-For names the client.
+    with run_app(create_app(settings_factory())) as url, capture_logs() as logs:
+        for index in range(3):
+            guess = {"Authorization": "Bearer guess", "X-Forwarded-For": f"203.0.113.{index}"}
+            assert httpx2.get(f"{url}/admin/stats", headers=guess).status_code == 401
+    failures = [(line["client"], line["peer"]) for line in logs if line["event"] == "admin_auth_failed"]
+    assert failures == [(f"203.0.113.{index}", "127.0.0.1") for index in range(3)]
+
+
+async def test_guesses_spread_over_many_addresses_are_slowed_overall(admin_settings: Settings) -> None:
+    sleep = RecordingSleep()
+    api = admin_app(closed_store(admin_settings), admin_settings, throttle=AuthThrottle(sleep=sleep))
+    for index in range(25):  # each address stays within its own five free failures
+        async with client_for(api, address=f"198.51.100.{index}", auth=False) as guesser:
+            check_error(await guesser.get("/admin/stats"), 401, "invalid_admin_token")
+    assert sleep.delays == [0.25, 0.5, 1.0, 2.0, 4.0]
 
 
 # --- request validation -------------------------------------------------------------------
