@@ -3,16 +3,19 @@
 Routes match the raw, still percent-encoded path, one segment per `{user_id}`, so a user id may
 hold any character: `/admin/users/a%2Fb/events` is the events of user `a/b`, and `..%2f` stays
 inside the id instead of reaching another route.
+
+Each operation is declared on its handler with the pydantic models of its parameters, body and
+answer (`gateway.admin_models`): they check the request, and the OpenAPI document is made from
+them (`gateway.admin_openapi`).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
-import math
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote, unquote, unquote_to_bytes
+from urllib.parse import quote, unquote
 
 import orjson
 import structlog
@@ -22,32 +25,33 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.websockets import WebSocketClose
 
-from gateway.admin_openapi import build_document
+from gateway.admin_models import (
+    BlockRequest,
+    Event,
+    EventList,
+    ListUsersParams,
+    NoParams,
+    Stats,
+    UnblockRequest,
+    UserEventsParams,
+    UserList,
+    UserParams,
+    UserStatus,
+    read_body,
+    read_params,
+)
+from gateway.admin_openapi import Operation, Operations, build_document
 from gateway.settings import Settings
-from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Store
+from gateway.store import Store
 from gateway.throttle import AuthThrottle
 from middleware.asgi import Receive, Scope, Send, header
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
-from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
-
-MAX_REASON = 1000
-DEFAULT_LIMIT = 100
-MAX_BODY_BYTES = 64 * 1024
-
-OPENAPI = build_document(
-    max_user_id=MAX_USER_ID_LENGTH,
-    max_reason=MAX_REASON,
-    max_limit=MAX_PAGE,
-    default_limit=DEFAULT_LIMIT,
-    max_seconds=MAX_BLOCK_SECONDS,
-)
-_OPENAPI_BYTES = orjson.dumps(OPENAPI)
-_LIMIT = re.compile(r"[0-9]{1,7}")
 
 log = structlog.get_logger("gateway.admin")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+operations = Operations()
 
 
 class AdminAPI:
@@ -61,14 +65,10 @@ class AdminAPI:
         self._token = token.encode("utf-8") if token else None
         self._throttle = AuthThrottle() if throttle is None else throttle
         self.routes = [
-            Route("/users", self._list_users, methods=["GET"]),
-            Route("/users/{user_id}", self._get_user, methods=["GET"]),
-            Route("/users/{user_id}/events", self._events, methods=["GET"]),
-            Route("/block/{user_id}", self._block, methods=["PUT"]),
-            Route("/unblock/{user_id}", self._unblock, methods=["PUT"]),
-            Route("/stats", self._stats, methods=["GET"]),
-            Route("/openapi.json", self._openapi, methods=["GET"]),
+            Route(operation.path, functools.partial(self._run, operation), methods=[operation.method])
+            for operation in operations
         ]
+        self.routes.append(Route("/openapi.json", self._openapi, methods=["GET"]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,78 +136,111 @@ class AdminAPI:
             "Missing or wrong admin token: send Authorization: Bearer <GATEWAY_ADMIN_TOKEN>.",
         )
 
-    async def _get_user(self, request: Request) -> Response:
-        user_id = _user_id(request)
-        _query(request, ())
-        status = await self._store.status(user_id)
-        if status is None:
-            raise _user_not_found()
-        return _json(status.to_json())
-
-    async def _block(self, request: Request) -> Response:
-        user_id = _user_id(request)
-        _query(request, ())
-        body = await _body(request, ("seconds", "permanent", "reason"))
-        permanent = body.get("permanent", False)
-        if not isinstance(permanent, bool):
-            raise _invalid("permanent", "permanent must be true or false.")
-        seconds: float | None = None
-        if "seconds" in body:
-            value = body["seconds"]
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or not 0 < value <= MAX_BLOCK_SECONDS
-            ):
-                raise _invalid(
-                    "seconds",
-                    f"seconds must be a number greater than 0 and at most {MAX_BLOCK_SECONDS}; "
-                    "for a block without end send permanent: true.",
-                )
-            if permanent:
-                raise _invalid("permanent", "Send either seconds or permanent: true, not both.")
-            seconds = float(value)
-        elif not permanent:
-            seconds = self._settings.block_seconds
-        status = await self._store.block(user_id, seconds=seconds, permanent=permanent, reason=_reason(body))
-        return _json(status.to_json())
-
-    async def _unblock(self, request: Request) -> Response:
-        user_id = _user_id(request)
-        _query(request, ())
-        body = await _body(request, ("reason",))
-        status = await self._store.unblock(user_id, reason=_reason(body))
-        if status is None:
-            raise _user_not_found()
-        return _json(status.to_json())
-
-    async def _list_users(self, request: Request) -> Response:
-        query = _query(request, ("blocked", "limit", "after"))
-        blocked: bool | None = None
-        if "blocked" in query:
-            if query["blocked"].lower() not in ("true", "false"):
-                raise _invalid("blocked", "blocked must be true or false.")
-            blocked = query["blocked"].lower() == "true"
-        try:
-            page, cursor = await self._store.list_users(blocked=blocked, limit=_limit(query), after=query.get("after"))
-        except ValueError:
-            raise _invalid("after", "after must be the next cursor of a previous page.") from None
-        return _json({"data": [status.to_json() for status in page], "next": cursor})
-
-    async def _events(self, request: Request) -> Response:
-        user_id = _user_id(request)
-        events = await self._store.events(user_id, limit=_limit(_query(request, ("limit",))))
-        if events is None:
-            raise _user_not_found()
-        return _json({"data": events})
-
-    async def _stats(self, request: Request) -> Response:
-        _query(request, ())
-        return _json(await self._store.stats())
+    async def _run(self, operation: Operation, request: Request) -> Response:
+        params = read_params(operation.params, request)
+        body = None if operation.body is None else await read_body(operation.body, request)
+        answer = await operation.handler(self, params, body)
+        # Admin answers describe live state: no cache should keep them.
+        content = orjson.dumps(answer.model_dump(mode="json", exclude_unset=True))
+        return Response(content, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _openapi(self, request: Request) -> Response:
         return Response(_OPENAPI_BYTES, media_type="application/json")
+
+    # -- operations, in routing order ----------------------------------------------------------
+
+    @operations(
+        "GET",
+        "/users",
+        "listUsers",
+        "List users, oldest user id first, one page at a time",
+        params=ListUsersParams,
+        body=None,
+        response=UserList,
+    )
+    async def _list_users(self, params: ListUsersParams, body: None) -> UserList:
+        page, cursor = await self._store.list_users(blocked=params.blocked, limit=params.limit, after=params.after)
+        return UserList(data=[UserStatus.model_validate(status.to_json()) for status in page], next=cursor)
+
+    @operations(
+        "GET",
+        "/users/{user_id}",
+        "getUser",
+        "A user's status",
+        params=UserParams,
+        body=None,
+        response=UserStatus,
+        not_found=True,
+    )
+    async def _get_user(self, params: UserParams, body: None) -> UserStatus:
+        status = await self._store.status(params.user_id)
+        if status is None:
+            raise _user_not_found()
+        return UserStatus.model_validate(status.to_json())
+
+    @operations(
+        "GET",
+        "/users/{user_id}/events",
+        "listUserEvents",
+        "A user's audit trail, newest first",
+        params=UserEventsParams,
+        body=None,
+        response=EventList,
+        not_found=True,
+    )
+    async def _events(self, params: UserEventsParams, body: None) -> EventList:
+        events = await self._store.events(params.user_id, limit=params.limit)
+        if events is None:
+            raise _user_not_found()
+        return EventList(data=[Event.model_validate(event) for event in events])
+
+    @operations(
+        "PUT",
+        "/block/{user_id}",
+        "blockUser",
+        "Block a user (creates unknown users)",
+        params=UserParams,
+        body=BlockRequest,
+        response=UserStatus,
+    )
+    async def _block(self, params: UserParams, body: BlockRequest) -> UserStatus:
+        seconds = body.seconds
+        if seconds is None and not body.permanent:
+            seconds = self._settings.block_seconds
+        status = await self._store.block(params.user_id, seconds=seconds, permanent=body.permanent, reason=body.reason)
+        return UserStatus.model_validate(status.to_json())
+
+    @operations(
+        "PUT",
+        "/unblock/{user_id}",
+        "unblockUser",
+        "Lift a user's block and reset strikes to 0 (idempotent)",
+        params=UserParams,
+        body=UnblockRequest,
+        response=UserStatus,
+        not_found=True,
+    )
+    async def _unblock(self, params: UserParams, body: UnblockRequest) -> UserStatus:
+        status = await self._store.unblock(params.user_id, reason=body.reason)
+        if status is None:
+            raise _user_not_found()
+        return UserStatus.model_validate(status.to_json())
+
+    @operations(
+        "GET",
+        "/stats",
+        "getStats",
+        "Blocked users now; violations and blocks over the last 24 hours",
+        params=NoParams,
+        body=None,
+        response=Stats,
+    )
+    async def _stats(self, params: NoParams, body: None) -> Stats:
+        return Stats.model_validate(await self._store.stats())
+
+
+OPENAPI = build_document(operations)
+_OPENAPI_BYTES = orjson.dumps(OPENAPI)
 
 
 def admin_app(store: Store, settings: Settings, *, throttle: AuthThrottle | None = None) -> AdminAPI:
@@ -234,7 +267,8 @@ def _encoded_route_path(scope: Scope) -> str:
 
 
 def _peer(scope: Scope) -> str:
-    """The socket peer's address: the throttle's key, which no X-Forwarded-For can change."""
+    """The throttle's key: the socket peer, which the server puts in state["peer"] before any
+    X-Forwarded-For is applied; the client address where it did not."""
     peer = scope.get("state", {}).get("peer")
     return peer if isinstance(peer, str) and peer else _client(scope)
 
@@ -245,89 +279,5 @@ def _client(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-def _user_id(request: Request) -> str:
-    raw: str = request.path_params["user_id"]
-    try:
-        user_id = unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
-    except UnicodeError:
-        raise GatewayError(
-            400, "invalid_user_id", "The user id in the path is not percent-encoded UTF-8.", param="user_id"
-        ) from None
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise GatewayError(
-            400,
-            "invalid_user_id",
-            f"The user id {problem}: expected 1 to {MAX_USER_ID_LENGTH} characters without control characters.",
-            param="user_id",
-        )
-    return user_id
-
-
-async def _body(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The JSON object body holding only `fields`; {} when there is no body."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise GatewayError(413, "request_too_large", f"An admin request body is at most {MAX_BODY_BYTES} bytes.")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return {}
-    expected = f"expected a JSON object with {', '.join(fields)}, or no body"
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise GatewayError(400, "invalid_json", f"The body is not valid JSON: {expected}.") from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "invalid_json", f"The body is not a JSON object: {expected}.")
-    for key in body:
-        if key not in fields:
-            raise _invalid(key, f"Unknown field {key!r}: {expected}.")
-    return body
-
-
-def _reason(body: dict[str, Any]) -> str | None:
-    reason = body.get("reason")
-    if reason is None:
-        return None
-    if not isinstance(reason, str) or len(reason) > MAX_REASON or "\x00" in reason:
-        raise _invalid("reason", f"reason must be a string of at most {MAX_REASON} characters, without NUL.")
-    return reason
-
-
-def _query(request: Request, names: tuple[str, ...]) -> dict[str, str]:
-    """The query parameters, each at most once; unknown ones are refused so typos show."""
-    query: dict[str, str] = {}
-    for key, value in request.query_params.multi_items():
-        if key not in names:
-            expected = ", ".join(names) or "none here"
-            raise _invalid(key, f"Unknown query parameter {key!r}: expected {expected}.")
-        if key in query:
-            raise _invalid(key, f"Query parameter {key!r} given more than once.")
-        query[key] = value
-    return query
-
-
-def _limit(query: dict[str, str]) -> int:
-    raw = query.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not _LIMIT.fullmatch(raw) or not 1 <= int(raw) <= MAX_PAGE:
-        raise _invalid("limit", f"limit must be a whole number from 1 to {MAX_PAGE}.")
-    return int(raw)
-
-
-def _invalid(param: str, message: str) -> GatewayError:
-    return GatewayError(400, "invalid_request", message, param=param)
-
-
 def _user_not_found() -> GatewayError:
     return GatewayError(404, "user_not_found", "The gateway has never recorded this user.")
-
-
-def _json(content: object) -> Response:
-    # Admin answers describe live state: no cache should keep them.
-    return Response(orjson.dumps(content), media_type="application/json", headers={"Cache-Control": "no-store"})

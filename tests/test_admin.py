@@ -22,7 +22,7 @@ from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Policy, Store, encode_cur
 from gateway.throttle import AuthThrottle
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 from middleware.protocols import Verdict, Violation
-from middleware.users import user_id_problem
+from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 from tests.servers import run_app
 from tests.test_throttle import RecordingSleep
 
@@ -100,8 +100,16 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
 
 
 def conforms(value: Any, schema: dict[str, Any], where: str = "$") -> None:
-    """A small JSON Schema check: $ref, type, enum, required, properties, items, additionalProperties."""
+    """A small JSON Schema check: $ref, anyOf, type, enum, required, properties, items, additionalProperties."""
     schema = resolve(schema)
+    if "anyOf" in schema:
+        failures = []
+        for branch in schema["anyOf"]:
+            try:
+                conforms(value, branch, where)
+            except AssertionError as failure:
+                failures.append(str(failure))
+        assert len(failures) < len(schema["anyOf"]), f"{where}: matches no branch: {failures}"
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         assert any(_TYPES[t](value) for t in types), f"{where}: {value!r} is not {types}"
@@ -378,6 +386,18 @@ async def test_every_store_call_is_503_when_the_database_cannot_answer(offline: 
         assert response.headers["content-type"] == "application/json"
 
 
+async def test_the_refusal_names_the_first_fault_in_a_stable_order(offline: httpx2.AsyncClient) -> None:
+    # the user id, then unknown names, then values; the message says what was expected
+    check_error(await offline.get("/admin/users/a%00b/events?limit=0&x=1"), 400, "invalid_user_id", "user_id")
+    check_error(await offline.get("/admin/users/u/events?limit=0&x=1"), 400, "invalid_request", "x")
+    error = check_error(
+        await offline.put("/admin/block/u", json={"seconds": 0, "until": 1}), 400, "invalid_request", "until"
+    )
+    assert "seconds, permanent, reason" in error["message"]
+    error = check_error(await offline.get("/admin/users?limit=5000"), 400, "invalid_request", "limit")
+    assert str(MAX_PAGE) in error["message"]
+
+
 # --- the OpenAPI document ------------------------------------------------------------------
 
 
@@ -398,6 +418,20 @@ async def test_the_openapi_document_describes_exactly_the_routes(admin_settings:
                 resolve(parameter)  # every $ref resolves
             for response in operation["responses"].values():
                 resolve(response)
+
+
+def test_the_openapi_document_states_the_limits_the_api_enforces() -> None:
+    schemas = OPENAPI["components"]["schemas"]
+    seconds = schemas["BlockRequest"]["properties"]["seconds"]
+    assert (seconds["type"], seconds["exclusiveMinimum"], seconds["maximum"]) == ("number", 0, MAX_BLOCK_SECONDS)
+    reason = schemas["BlockRequest"]["properties"]["reason"]["anyOf"]
+    assert {"type": "string", "maxLength": 1000} in reason
+    users = {p["name"]: p for p in OPENAPI["paths"]["/users"]["get"]["parameters"]}
+    assert users["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}
+    assert users["blocked"]["schema"] == {"type": "boolean"}
+    (user_id,) = OPENAPI["paths"]["/users/{user_id}"]["get"]["parameters"]
+    assert (user_id["in"], user_id["required"]) == ("path", True)
+    assert user_id["schema"] == {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH}
 
 
 async def test_the_openapi_document_is_served_without_a_token(admin_settings: Settings) -> None:

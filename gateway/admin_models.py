@@ -1,0 +1,362 @@
+"""The admin API's wire format: its parameters, bodies and answers as pydantic models.
+
+The same models check what a client sends (a bad value is a 400 `invalid_request`, or
+`invalid_user_id`, whose `param` names the field) and make the OpenAPI document
+(`gateway.admin_openapi`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote_to_bytes
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+from starlette.requests import Request
+
+from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, decode_cursor
+from middleware.errors import GatewayError
+from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
+
+MAX_REASON = 1000
+DEFAULT_LIMIT = 100
+MAX_BODY_BYTES = 64 * 1024
+_DIGITS = re.compile(r"[0-9]{1,7}")
+
+
+# --- checks of our own -------------------------------------------------------------------------
+# Their error type is the answer's error code and their message a whole sentence for the client.
+
+
+def _refused(message: str, code: str = "invalid_request") -> PydanticCustomError:
+    return PydanticCustomError(code, message)
+
+
+def _path_user_id(raw: object) -> object:
+    """The user id a percent-encoded path segment stands for."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        user_id = unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
+    except UnicodeError:
+        raise _refused("The user id in the path is not percent-encoded UTF-8.", "invalid_user_id") from None
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise _refused(
+            f"The user id {problem}: expected 1 to {MAX_USER_ID_LENGTH} characters without control characters.",
+            "invalid_user_id",
+        )
+    return user_id
+
+
+def _whole_number(value: object) -> object:
+    # Digits only: int() would also take "+5", " 5" and "5_0".
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise _refused(f"limit must be a whole number from 1 to {MAX_PAGE}.")
+        return int(value)
+    return value
+
+
+def _cursor(value: str) -> str:
+    try:
+        decode_cursor(value)
+    except ValueError:
+        raise _refused("after must be the next cursor of a previous page.") from None
+    return value
+
+
+def _without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise _refused("reason must not hold NUL characters.")
+    return value
+
+
+def never_null(schema: dict[str, Any]) -> None:
+    """Document a field one may leave out but not send as null by its value's schema alone."""
+    schema.pop("default", None)
+    values = [branch for branch in schema.pop("anyOf", ()) if branch != {"type": "null"}]
+    if values:
+        schema.update(values[0])
+
+
+# --- parameters (path and query) ------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+PathUserId = Annotated[
+    str,
+    BeforeValidator(_path_user_id),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_USER_ID_LENGTH,
+            "description": (
+                "The user id, as sent in the user header; percent-encode it (`a/b` is `a%2Fb`). No control characters."
+            ),
+        }
+    ),
+]
+# The bounds before the validator: after one, pydantic writes them into the schema as "ge"/"le".
+Limit = Annotated[
+    int, Field(ge=1, le=MAX_PAGE, description="How many items to return at most."), BeforeValidator(_whole_number)
+]
+
+
+class NoParams(_Strict):
+    """No parameters: any query parameter is refused, so a typo shows."""
+
+
+class UserParams(_Strict):
+    user_id: PathUserId
+
+
+class UserEventsParams(UserParams):
+    limit: Limit = DEFAULT_LIMIT
+
+
+class ListUsersParams(_Strict):
+    blocked: bool | None = Field(default=None, description="Only blocked (`true`) or only unblocked (`false`) users.")
+    limit: Limit = DEFAULT_LIMIT
+    after: Annotated[str, AfterValidator(_cursor)] | None = Field(
+        default=None, description="The `next` cursor of the previous page."
+    )
+
+    @field_validator("blocked", mode="before")
+    @classmethod
+    def _true_or_false(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise _refused("blocked must be true or false.")
+            return value.lower() == "true"
+        return value
+
+
+# --- request bodies -------------------------------------------------------------------------
+
+Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_without_nul)]
+_REASON = "Why; kept in the audit trail (no NUL characters)."
+
+
+class BlockRequest(_Strict):
+    """No body, or neither `seconds` nor `permanent: true`: the block lasts GATEWAY_BLOCK_SECONDS.
+
+    A new block replaces the one in force.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={"not": {"required": ["seconds", "permanent"], "properties": {"permanent": {"const": True}}}}
+    )
+
+    seconds: Annotated[float, Field(gt=0, le=MAX_BLOCK_SECONDS)] | None = Field(
+        default=None,
+        description="How long the block lasts; for a block without end send `permanent: true` instead.",
+        json_schema_extra=never_null,
+    )
+    permanent: bool = Field(default=False, description="`true`: blocked until unblocked.")
+    reason: Reason | None = Field(default=None, description=_REASON)
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _given(cls, value: object) -> object:
+        if value is None:
+            raise _refused("seconds must be a number; leave it out for the default block.")
+        return value
+
+    @field_validator("permanent")
+    @classmethod
+    def _not_both(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("seconds") is not None:
+            raise _refused("Send either seconds or permanent: true, not both.")
+        return value
+
+
+class UnblockRequest(_Strict):
+    reason: Reason | None = Field(default=None, description=_REASON)
+
+
+# --- answers --------------------------------------------------------------------------------
+
+Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time", "description": "UTC, ISO-8601."})]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _StoreAnswer(_Answer):
+    # The store decides what its objects hold: fields it adds pass through, undocumented here.
+    model_config = ConfigDict(extra="allow")
+
+
+class UserStatus(_StoreAnswer):
+    """The user's status."""
+
+    user_id: str
+    strikes: int = Field(ge=0, description="0 once a block expired.")
+    max_strikes: int = Field(ge=1)
+    blocked: bool
+    blocked_until: Time | None = Field(description="UTC; null when not blocked or blocked for good.")
+    permanent: bool
+    blocks: int = Field(ge=0, description="Policy blocks so far.")
+
+
+class UserList(_Answer):
+    """One page of users."""
+
+    data: list[UserStatus]
+    next: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
+
+
+EventType = Literal[
+    "violation",
+    "warning",
+    "output_violation",
+    "block",
+    "unblock",
+    "reversed",
+    "appeal_accepted",
+    "appeal_rejected",
+    "note",
+    "erased",
+]
+
+
+class Event(_StoreAnswer):
+    """One event of a user's audit trail.
+
+    Violations carry categories, detector, rule, path, text_sha256, scores, shadow; blocks and
+    unblocks carry actor, reason, block_number, blocked_until, permanent.
+    """
+
+    id: int
+    type: EventType
+    at: Time
+    categories: list[str] = []
+    detector: str | None = None
+    rule: str | None = None
+    path: str | None = None
+    text_sha256: str | None = None
+    scores: dict[str, float] | None = None
+    shadow: bool = False
+    actor: Literal["admin", "policy", "expiry"] | None = None
+    reason: str | None = None
+    block_number: int | None = None
+    blocked_until: Time | None = None
+    permanent: bool = False
+
+
+class EventList(_Answer):
+    """The user's events, newest first."""
+
+    data: list[Event]
+
+
+class Stats(_StoreAnswer):
+    """Blocked users now; violations and blocks over the last 24 hours."""
+
+    blocked_users: int = Field(ge=0)
+    violations_24h: int = Field(ge=0)
+    blocks_24h: int = Field(ge=0)
+    violations_by_category_24h: dict[str, Annotated[int, Field(ge=0)]]
+    shadow_violations_24h: int = Field(ge=0, description="Violations recorded in shadow mode (no strike).")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class Error(BaseModel):
+    """An OpenAI-shaped error."""
+
+    error: ErrorDetail
+
+
+# --- reading a request into its models ------------------------------------------------------
+
+
+def read_params[P: BaseModel](model: type[P], request: Request) -> P:
+    """The path and query parameters as `model`; unknown or repeated query parameters are refused."""
+    path: dict[str, Any] = dict(request.path_params)
+    values = dict(path)
+    refusals: list[tuple[int, GatewayError]] = []  # (rank, refusal): a bad path is said first
+    for key, value in request.query_params.multi_items():
+        if key in path or key not in model.model_fields:
+            expected = ", ".join(name for name in model.model_fields if name not in path) or "none here"
+            refusals.append((1, _invalid(key, f"Unknown query parameter {key!r}: expected {expected}.")))
+        elif key in values:
+            refusals.append((1, _invalid(key, f"Query parameter {key!r} given more than once.")))
+        else:
+            values[key] = value
+    try:
+        params = model.model_validate(values)
+    except ValidationError as exc:
+        for error in exc.errors():
+            refusals.append((0 if error["loc"] and error["loc"][0] in path else 2, _refusal(error)))
+    else:
+        if not refusals:
+            return params
+    raise min(refusals, key=lambda refusal: refusal[0])[1]
+
+
+async def read_body[B: BaseModel](model: type[B], request: Request) -> B:
+    """The JSON object body as `model`; no body at all is `{}`."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise GatewayError(413, "request_too_large", f"An admin request body is at most {MAX_BODY_BYTES} bytes.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    expected = f"expected a JSON object with {', '.join(model.model_fields)}, or no body"
+    data: object = {}
+    if raw.strip():
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise GatewayError(400, "invalid_json", f"The body is not valid JSON: {expected}.") from None
+        if not isinstance(data, dict):
+            raise GatewayError(400, "invalid_json", f"The body is not a JSON object: {expected}.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # An unknown field first: it is most likely a typo of the field that seemed wrong.
+        error = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][0])
+        raise _invalid(key, f"Unknown field {key!r}: {expected}.")
+    raise _refusal(error)
+
+
+def _refusal(error: ErrorDetails) -> GatewayError:
+    param = str(error["loc"][0]) if error["loc"] else None
+    if error["type"] in ("invalid_request", "invalid_user_id"):
+        return GatewayError(400, error["type"], error["msg"], param=param)
+    message = error["msg"]
+    return _invalid(param, f"Invalid {param}: {message[:1].lower()}{message[1:]}.")
+
+
+def _invalid(param: str | None, message: str) -> GatewayError:
+    return GatewayError(400, "invalid_request", message, param=param)
