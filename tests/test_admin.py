@@ -695,3 +695,12 @@ async def test_routing_under_a_real_uvicorn_server(admin_settings: Settings) -> 
             check_error(await client.get("/admin/users/..%2Fstats"), 503, "store_unavailable")
             check_error(await client.put("/admin/block/%FF"), 400, "invalid_user_id", "user_id")
             assert (await client.get("/admin/openapi.json", headers={"Authorization": ""})).json() == OPENAPI
+
+
+@pytest.mark.parametrize("path", ["/admin", "/admin/users/x/"])
+def test_no_answer_redirects_to_the_host_the_client_named(settings_factory: SettingsFactory, path: str) -> None:
+    with run_app(create_app(settings_factory())) as url:
+        for token in ({}, {"Authorization": "Bearer admin-secret"}):
+            answer = httpx2.get(f"{url}{path}", headers={"Host": "evil.example", **token})
+            location = answer.headers.get("location", "")
+            assert "evil.example" not in location, f"{path}: {answer.status_code} to {location}"
