@@ -155,7 +155,6 @@ class AdminAPI:
         "listUsers",
         "List users, oldest user id first, one page at a time",
         params=ListUsersParams,
-        body=None,
         response=UserList,
     )
     async def _list_users(self, params: ListUsersParams, body: None) -> UserList:
@@ -168,14 +167,11 @@ class AdminAPI:
         "getUser",
         "A user's status",
         params=UserParams,
-        body=None,
         response=UserStatus,
         not_found=True,
     )
     async def _get_user(self, params: UserParams, body: None) -> UserStatus:
-        status = await self._store.status(params.user_id)
-        if status is None:
-            raise _user_not_found()
+        status = _known(await self._store.status(params.user_id))
         return UserStatus.model_validate(status.to_json())
 
     @operations(
@@ -184,14 +180,11 @@ class AdminAPI:
         "listUserEvents",
         "A user's audit trail, newest first",
         params=UserEventsParams,
-        body=None,
         response=EventList,
         not_found=True,
     )
     async def _events(self, params: UserEventsParams, body: None) -> EventList:
-        events = await self._store.events(params.user_id, limit=params.limit)
-        if events is None:
-            raise _user_not_found()
+        events = _known(await self._store.events(params.user_id, limit=params.limit))
         return EventList(data=[Event.model_validate(event) for event in events])
 
     @operations(
@@ -221,9 +214,7 @@ class AdminAPI:
         not_found=True,
     )
     async def _unblock(self, params: UserParams, body: UnblockRequest) -> UserStatus:
-        status = await self._store.unblock(params.user_id, reason=body.reason)
-        if status is None:
-            raise _user_not_found()
+        status = _known(await self._store.unblock(params.user_id, reason=body.reason))
         return UserStatus.model_validate(status.to_json())
 
     @operations(
@@ -232,7 +223,6 @@ class AdminAPI:
         "getStats",
         "Blocked users now; violations and blocks over the last 24 hours",
         params=NoParams,
-        body=None,
         response=Stats,
     )
     async def _stats(self, params: NoParams, body: None) -> Stats:
@@ -279,5 +269,8 @@ def _client(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-def _user_not_found() -> GatewayError:
-    return GatewayError(404, "user_not_found", "The gateway has never recorded this user.")
+def _known[T](found: T | None) -> T:
+    """What the store found about a user; None means it never recorded the user: 404."""
+    if found is None:
+        raise GatewayError(404, "user_not_found", "The gateway has never recorded this user.")
+    return found

@@ -54,7 +54,7 @@ class Operations:
         summary: str,
         *,
         params: type[P],
-        body: type[B] | None,
+        body: type[B] | None = None,
         response: type[R],
         not_found: bool = False,
     ) -> Callable[[Callable[[S, P, B], Awaitable[R]]], Callable[[S, P, B], Awaitable[R]]]:
