@@ -14,7 +14,9 @@ only while it can be trusted:
 - a ping every `ping_interval` seconds finds a connection that died silently.
 
 Expiry is the cache's own business: an entry whose `until` has passed (on the database clock,
-estimated from the skew measured on each read) answers "not blocked".
+estimated from the skew measured on each read) answers "not blocked". Each entry is the whole
+`Block` a refusal states: the block's audit event, its categories and points, read with the
+blocked set and per notification.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import contextlib
 import math
 import random
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 import structlog
 
 from gateway.database import is_unavailable, redact
 from gateway.metrics import BLOCK_CACHE_USERS, BLOCK_CACHE_VALID
+from gateway.policy import Policy
 from middleware.protocols import Block
 
 log = structlog.get_logger(__name__)
@@ -40,16 +43,35 @@ MAX_ENTRIES = 100_000
 _QUERY_TIMEOUT = 5.0
 _BACKOFF = (0.1, 5.0)  # first and longest wait between reconnect attempts, seconds
 
+# A user's block in force with its event (`block_from` reads these), from `users u`.
+BLOCK_COLUMNS = """
+    CASE WHEN isfinite(u.blocked_until) THEN u.blocked_until END AS until,
+    e.id AS event_id, e.at AS event_at, coalesce(e.categories, '{}') AS categories, coalesce(e.points, 0) AS points
+"""
+BLOCK_EVENT = "LEFT JOIN events e ON e.id = u.block_event_id"
 _BLOCKED = f"""
-SELECT user_id, CASE WHEN isfinite(blocked_until) THEN blocked_until END AS until, now() AS now
-FROM users WHERE blocked_until > now()
+SELECT u.user_id, {BLOCK_COLUMNS}, now() AS now
+FROM users u {BLOCK_EVENT} WHERE u.blocked_until > now()
 LIMIT {MAX_ENTRIES + 1}
 """  # noqa: S608 (constant text, no input)
-_ONE = """
-SELECT coalesce(blocked_until > now(), false) AS blocked,
-    CASE WHEN isfinite(blocked_until) THEN blocked_until END AS until, now() AS now
-FROM users WHERE user_id = $1
-"""
+_ONE = f"""
+SELECT coalesce(u.blocked_until > now(), false) AS blocked, {BLOCK_COLUMNS}, now() AS now
+FROM users u {BLOCK_EVENT} WHERE u.user_id = $1
+"""  # noqa: S608
+
+
+def block_from(row: asyncpg.Record, policy: Policy) -> Block:
+    """The Block of a row with BLOCK_COLUMNS, as `policy` (its limit, its appeal window) sees it."""
+    at: datetime | None = row["event_at"]
+    window = policy.appeal_window_days
+    return Block(
+        until=row["until"],
+        event_id=None if row["event_id"] is None else str(row["event_id"]),
+        categories=tuple(row["categories"]),
+        strikes=row["points"],
+        max_strikes=policy.max_strikes,
+        appealable_until=at + timedelta(days=window) if at is not None and window > 0 else None,
+    )
 
 
 class BlockCache:
@@ -76,6 +98,8 @@ class BlockCache:
         self._pending: asyncio.Queue[str] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0  # completed (re)loads of the whole set, for tests and logs
+        # Whose limit and appeal window the Blocks state: the Store sets its own.
+        self.policy = Policy()
 
     @property
     def valid(self) -> bool:
@@ -165,7 +189,7 @@ class BlockCache:
             if row is None or not row["blocked"]:
                 self._set(user_id, None, self._skew)
             else:
-                self._set(user_id, Block(until=row["until"]), _skew(row["now"]))
+                self._set(user_id, block_from(row, self.policy), _skew(row["now"]))
             if len(self._entries) > self._max_entries:
                 self._overflow()
                 return
@@ -200,7 +224,7 @@ class BlockCache:
             raise OverflowError("too many blocked users to cache")
         skew = _skew(rows[0]["now"]) if rows else self._skew
         self._skew = skew
-        self._entries = {row["user_id"]: _entry(row["until"], skew) for row in rows}
+        self._entries = {row["user_id"]: _entry(block_from(row, self.policy), skew) for row in rows}
         self._valid = True
         self.reloads += 1
         BLOCK_CACHE_USERS.set(len(self._entries))
@@ -229,7 +253,7 @@ class BlockCache:
         if block is None:
             self._entries.pop(user_id, None)
         else:
-            self._entries[user_id] = _entry(block.until, skew)
+            self._entries[user_id] = _entry(block, skew)
         BLOCK_CACHE_USERS.set(len(self._entries))
 
     # -- asyncpg callbacks ------------------------------------------------------------------------
@@ -248,6 +272,6 @@ def _skew(db_now: datetime) -> float:
     return db_now.timestamp() - time.time()
 
 
-def _entry(until: datetime | None, skew: float) -> tuple[Block, float]:
-    deadline = math.inf if until is None else until.timestamp() - skew
-    return Block(until=until), deadline
+def _entry(block: Block, skew: float) -> tuple[Block, float]:
+    deadline = math.inf if block.until is None else block.until.timestamp() - skew
+    return block, deadline

@@ -39,6 +39,10 @@ BLOCK_EVENTS = Counter(
     "Blocks and unblocks recorded by this process, by kind (block, unblock) and actor (policy, admin, expiry).",
     ["kind", "actor"],
 )
+WARNINGS = Counter(
+    "gateway_warnings_total",
+    "Violations answered as warnings under the enforcement policy (refused, no points).",
+)
 BLOCK_CHECKS = HotCounter(
     "gateway_block_checks_total",
     "Block checks, by what answered them: cache (the per-worker block cache) or database (a query).",

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     max_block_seconds: float = Field(2592000.0, gt=0)
     permanent_after_blocks: int = Field(0, ge=0)
     enforcement: Literal["enforce", "shadow"] = "enforce"
+    # The enforcement policy (TOML, gateway/policy.py); set, it replaces the six strike and block variables.
+    policy_file: Path | None = None
+    # How long after an event its user may appeal it; 0: no appeals.
+    appeal_window_days: float = Field(180.0, ge=0, le=36500)
     moderation_thresholds: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     safety_identifier: Literal["off", "hash"] = "off"
     safety_salt: SecretStr | None = None

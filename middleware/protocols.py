@@ -15,9 +15,20 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """A user's block in force. `until` is None for a permanent block."""
+    """A user's block in force, with what a refusal says about it. `until` is None for a permanent block.
+
+    `event_id` is the block's audit event (the handle for an appeal), `categories` the flagged
+    categories behind it (none for a moderator's block), `strikes` the points that counted when
+    it began and `max_strikes` the policy's limit. It may be appealed until `appealable_until`
+    (None: not appealable, e.g. already appealed).
+    """
 
     until: datetime | None
+    event_id: str | None = None
+    categories: tuple[str, ...] = ()
+    strikes: int = 0
+    max_strikes: int = 0
+    appealable_until: datetime | None = None
 
     @property
     def permanent(self) -> bool:
@@ -54,19 +65,33 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    """What the store records for a flagged call."""
+    """What the store records for a flagged call. `app`: the application that made it, when known."""
 
     verdict: Verdict
     path: str
+    app: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StrikeOutcome:
-    """The user's state right after a strike: `block` is set when the user is now blocked."""
+    """The user's state right after a violation was recorded, and what the violation was.
+
+    `strikes` are the points that count now and `max_strikes` the limit; `block` is set when
+    the user is blocked now (by this violation, or already). `event_id` is the violation's audit
+    event, `categories` its flagged categories, `points` what it added (0 for a warning, for
+    a violation that does not count, and for one recorded while the user was blocked),
+    `warning` whether it was answered as a warning; it may be appealed until
+    `appealable_until` (None: not appealable).
+    """
 
     strikes: int
     max_strikes: int
     block: Block | None
+    event_id: str | None = None
+    categories: tuple[str, ...] = ()
+    points: int = 0
+    warning: bool = False
+    appealable_until: datetime | None = None
 
 
 class StoreUnavailable(Exception):
@@ -104,11 +129,21 @@ class StrikeStore(Protocol):
         ...
 
     async def record_violation(self, user_id: str, violation: Violation) -> StrikeOutcome:
-        """Add one strike atomically, blocking at the limit. Raises StoreUnavailable."""
+        """Record a violation under the policy atomically (a warning, or its points, blocking at
+        the limit or at once for zero tolerance). Raises StoreUnavailable."""
         ...
 
     async def record_shadow_violation(self, user_id: str, violation: Violation) -> None:
         """Audit a violation seen in shadow mode: no strike, no block."""
+        ...
+
+    async def record_output_violation(self, user_id: str, violation: Violation, *, counts: bool) -> StrikeOutcome:
+        """Record a flagged answer of the model to this user (an `output_violation` event).
+
+        `counts`: it counts against the user like an input violation (points, warnings, blocks
+        under the same policy); otherwise it is only audited and adds no points. Raises
+        StoreUnavailable.
+        """
         ...
 
 

@@ -11,9 +11,11 @@ import orjson
 import pytest
 
 from gateway.database import Database
+from gateway.events import iso
 from gateway.settings import Settings
-from gateway.store import MAX_PAGE, NOTIFY_CHANNEL, Policy, Store, UserStatus, decode_cursor, encode_cursor, iso
-from middleware.protocols import Block, StoreUnavailable, Verdict, Violation
+from gateway.store import MAX_PAGE, NOTIFY_CHANNEL, Policy, Store
+from gateway.users import UserStatus, decode_cursor, encode_cursor
+from middleware.protocols import StoreUnavailable, Verdict, Violation
 from tests.conftest import open_store
 
 SettingsFactory = Callable[..., Settings]
@@ -158,7 +160,9 @@ async def test_admin_blocks_timed_and_permanent(store: Store, database_url: str)
     assert permanent.permanent
     assert permanent.blocked_until is None
     assert permanent.to_json()["blocked_until"] is None
-    assert await store.current_block("heidi") == Block(until=None)
+    block = await store.current_block("heidi")
+    assert block is not None
+    assert (block.until, block.permanent, block.categories) == (None, True, ())
 
     with pytest.raises(ValueError, match="positive"):
         await store.block("heidi", seconds=0)
@@ -219,7 +223,9 @@ async def test_two_replicas_on_one_database_act_as_one(settings_factory: Setting
         assert status.strikes == 40
 
         blocked = await one.block("olivia", seconds=120)
-        assert await two.current_block("olivia") == Block(until=blocked.blocked_until)
+        block = await two.current_block("olivia")
+        assert block is not None
+        assert block.until == blocked.blocked_until
         await two.unblock("olivia")
         assert await one.current_block("olivia") is None
 
@@ -256,7 +262,8 @@ async def test_policy_blocks_escalate_then_become_permanent(
         assert [round(length) for length in lengths] == [1, 2, 4]
 
         fourth = await store.record_violation("rupert", violation())
-        assert fourth.block == Block(until=None)
+        assert fourth.block is not None
+        assert fourth.block.permanent
         status = await store.status("rupert")
         assert status is not None
         assert status.permanent
@@ -267,9 +274,9 @@ async def test_policy_blocks_escalate_then_become_permanent(
 
 
 def test_block_duration_is_capped() -> None:
-    policy = Policy(max_strikes=1, block_seconds=10, block_escalation=10, max_block_seconds=500)
+    policy = Policy(max_strikes=1, ladder=(10,), escalation=10, max_block=500)
     assert [policy.block_duration(n) for n in (1, 2, 3, 5000)] == [10, 100, 500, 500]
-    assert Policy(max_strikes=1, block_seconds=10, permanent_after_blocks=2).block_duration(2) is None
+    assert Policy(max_strikes=1, ladder=(10,), permanent_after_blocks=2).block_duration(2) is None
 
 
 async def test_block_changes_are_notified(store: Store, database_url: str) -> None:
@@ -312,10 +319,13 @@ async def test_the_outbox_gets_block_and_unblock_events_with_webhooks(
         "blocked_until": iso(outcome.block.until),
         "permanent": False,
         "block_number": 1,
+        "operator": None,
+        "categories": ["violence"],
     }
     assert blocked["created_at"].endswith("Z")
     assert (unblocked["type"], unblocked["actor"], unblocked["reason"]) == ("user.unblocked", "admin", "appeal")
     assert (unblocked["blocked_until"], unblocked["block_number"]) == (None, 1)
+    assert (unblocked["operator"], unblocked["categories"]) == ("admin", [])
 
 
 async def test_no_outbox_rows_without_webhooks(store: Store, database_url: str) -> None:
@@ -355,6 +365,13 @@ async def test_events_are_newest_first_with_their_fields(store: Store) -> None:
         "text_sha256": "ab" * 32,
         "scores": {"hate": 0.9},
         "shadow": False,
+        "counted": True,
+        "points": 1,
+        "expires_at": None,
+        "app": None,
+        "reversed_at": None,
+        "reversed_by": None,
+        "reverse_reason": None,
     }
     assert shadow["shadow"] is True
     assert await store.events("nobody") is None
@@ -422,6 +439,7 @@ async def test_stats_count_the_last_day(store: Store) -> None:
         "violations_24h": 4,
         "blocks_24h": 2,
         "violations_by_category_24h": {"hate": 1, "violence": 3},
+        "warnings_24h": 0,
         "shadow_violations_24h": 1,
     }
 

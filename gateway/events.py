@@ -1,0 +1,107 @@
+"""Reading the audit trail (`events`): a user's timeline and the 24-hour statistics.
+
+The store writes events inside its transactions; what is only read lives here. Event kinds:
+`violation` (refused, or recorded in shadow mode), `warning` (refused, no points),
+`output_violation` (a flagged answer), `block` and `unblock`; later work adds `reversed`,
+`appeal_accepted`, `appeal_rejected`, `note` and `erased`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+type Connection = PoolConnectionProxy[asyncpg.Record]
+
+VIOLATION_KINDS = ("violation", "warning", "output_violation")
+STATE_KINDS = ("block", "unblock")
+
+_EVENTS = """
+SELECT id, kind, at, shadow, counted, categories, detector, rule, path, text_sha256, scores, app,
+    points, CASE WHEN isfinite(expires_at) THEN expires_at END AS expires,
+    actor, operator, reason, block_number,
+    CASE WHEN isfinite(blocked_until) THEN blocked_until END AS until,
+    coalesce(blocked_until = 'infinity', false) AS permanent,
+    reversed_at, reversed_by, reverse_reason
+FROM events WHERE user_id = $1
+ORDER BY at DESC, id DESC LIMIT $2
+"""
+_STATS = """
+SELECT
+    (SELECT count(*) FROM users WHERE blocked_until > now()) AS blocked_users,
+    count(*) FILTER (WHERE kind IN ('violation', 'warning') AND NOT shadow) AS violations,
+    count(*) FILTER (WHERE kind = 'warning') AS warnings,
+    count(*) FILTER (WHERE kind = 'violation' AND shadow) AS shadow_violations,
+    count(*) FILTER (WHERE kind = 'block') AS blocks
+FROM events WHERE at > now() - interval '24 hours'
+"""
+_STATS_CATEGORIES = """
+SELECT category, count(*) AS n
+FROM events, unnest(categories) AS category
+WHERE kind IN ('violation', 'warning') AND NOT shadow AND at > now() - interval '24 hours'
+GROUP BY category ORDER BY category
+"""
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a `Z`, as the admin API and the webhooks show times."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def user_events(conn: Connection, user_id: str, limit: int) -> list[dict[str, Any]]:
+    """The user's events, newest first, as the admin API shows them."""
+    return [event_json(row) for row in await conn.fetch(_EVENTS, user_id, limit)]
+
+
+async def stats(conn: Connection) -> dict[str, Any]:
+    """`GET /admin/stats`: violations count warnings too; `warnings_24h` says how many were."""
+    totals = await conn.fetchrow(_STATS)
+    assert totals is not None
+    categories = await conn.fetch(_STATS_CATEGORIES)
+    return {
+        "blocked_users": totals["blocked_users"],
+        "violations_24h": totals["violations"],
+        "blocks_24h": totals["blocks"],
+        "violations_by_category_24h": {row["category"]: row["n"] for row in categories},
+        "warnings_24h": totals["warnings"],
+        "shadow_violations_24h": totals["shadow_violations"],
+    }
+
+
+def event_json(row: asyncpg.Record) -> dict[str, Any]:
+    event: dict[str, Any] = {"id": row["id"], "type": row["kind"], "at": iso(row["at"])}
+    kind = row["kind"]
+    if kind in VIOLATION_KINDS:
+        event.update(
+            categories=list(row["categories"]),
+            detector=row["detector"],
+            rule=row["rule"],
+            path=row["path"],
+            text_sha256=row["text_sha256"],
+            scores=row["scores"] or {},
+            shadow=row["shadow"],
+            counted=row["counted"],
+            points=row["points"],
+            expires_at=iso(row["expires"]),
+            app=row["app"],
+        )
+    else:
+        event.update(actor=row["actor"], operator=row["operator"], reason=row["reason"])
+    if kind in STATE_KINDS:
+        event.update(
+            block_number=row["block_number"],
+            blocked_until=iso(row["until"]),
+            permanent=row["permanent"],
+        )
+    if kind == "block":
+        event.update(categories=list(row["categories"]), points=row["points"])
+    if kind in (*VIOLATION_KINDS, "block"):
+        event.update(
+            reversed_at=iso(row["reversed_at"]), reversed_by=row["reversed_by"], reverse_reason=row["reverse_reason"]
+        )
+    return event
