@@ -30,7 +30,7 @@ from middleware.extract import extract_user_input
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
 from middleware.paths import path_problem
 from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Verdict, Violation
-from middleware.refusals import blocked_error, violation_answer
+from middleware.refusals import blocked_error, unrecorded_violation, violation_answer
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 log = structlog.get_logger(__name__)
@@ -291,10 +291,7 @@ class ModerationMiddleware:
                     ),
                 ) from None
             raise Refused(
-                "violation",
-                GatewayError(
-                    400, "content_policy_violation", f"{flagged}.", strikes=None, max_strikes=self.max_strikes
-                ),
+                "violation", unrecorded_violation(flagged, violation.verdict.categories, self.max_strikes)
             ) from None
         raise Refused(*violation_answer(flagged, outcome))
 
