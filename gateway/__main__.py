@@ -1,4 +1,4 @@
-"""`python -m gateway [serve|migrate|demo]` (also the console script `chat-gateway`)."""
+"""`python -m gateway [serve|migrate|demo|policy]` (also the console script `chat-gateway`)."""
 
 from __future__ import annotations
 
@@ -75,15 +75,21 @@ def _migrate(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["policy"]:
+        from gateway.replay import policy_command
+
+        return policy_command(argv[1:])
     parser = argparse.ArgumentParser(prog="chat-gateway", description="Moderation gateway for the OpenAI API.")
     parser.add_argument(
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "migrate", "demo"],
+        choices=["serve", "migrate", "demo", "policy"],
         help=(
             "serve (default): run the gateway; migrate: apply the database schema and exit; "
-            "demo: run a fake upstream, an embedded PostgreSQL and the gateway, and show a user get blocked"
+            "demo: run a fake upstream, an embedded PostgreSQL and the gateway, and show a user get blocked; "
+            "policy check|replay FILE: validate an enforcement policy file, or replay recent violations under it"
         ),
     )
     args = parser.parse_args(argv)

@@ -238,6 +238,17 @@ def run_cli(tmp_path: Path, *args: str, **variables: str) -> subprocess.Complete
     return _run(tmp_path, ARGS=" ".join(args), **variables)
 
 
+def test_policy_check_prints_plain_words_or_the_one_line(tmp_path: Path) -> None:
+    good = run_cli(tmp_path, "policy", "check", str(write(tmp_path, EXAMPLE)))
+    assert good.returncode == 0, good.stderr
+    assert "A first violation inside 90 days is a warning" in good.stdout
+    bad = run_cli(tmp_path, "policy", "check", str(write(tmp_path, "[categories.x]\nweight = -2")))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"chat-gateway: {tmp_path / 'policy.toml'}: categories.x.weight: must not be negative, got -2"
+    ]
+
+
 def test_start_up_stops_on_a_bad_file_or_a_conflict(tmp_path: Path) -> None:
     path = write(tmp_path, 'warnings = 1\nwindow = "2 weeks"')
     bad = run_cli(tmp_path, GATEWAY_POLICY_FILE=str(path))
