@@ -11,7 +11,7 @@ import asyncpg
 from gateway.policy import PERMANENT, CategoryRule, Policy
 from gateway.replay import Counts, replay
 from gateway.settings import Settings
-from tests.servers import free_port
+from loadtests.harness import free_port
 from tests.test_ladder import POLICY, flagged, policy_store
 from tests.test_policy import run_cli
 
