@@ -168,7 +168,9 @@ class ModerationMiddleware:
 
     async def _violation(self, scope: Scope, user_id: str, verdict: Verdict, route_path: str) -> None:
         """Count, log and record a flagged call: a strike (which refuses it), or in shadow mode an audit."""
-        violation = Violation(verdict=verdict, path=_audit_path(scope, route_path))
+        state = scope.get("state")
+        app = state.get("app") if isinstance(state, dict) else None
+        violation = Violation(verdict=verdict, path=_audit_path(scope, route_path), app=app)
         shadow = self.enforcement == "shadow"
         for category in verdict.categories:
             VIOLATIONS.labels(category, verdict.detector, "true" if shadow else "false").inc()

@@ -60,12 +60,15 @@ def test_with_users_per_app_one_application_cannot_block_anothers_user(
         admin = {"Authorization": "Bearer admin-secret"}
         as_a = httpx2.get(f"{url}/admin/users/app-a:u-1", headers=admin).json()
         as_b = httpx2.get(f"{url}/admin/users/app-b:u-1", headers=admin)
+        events = httpx2.get(f"{url}/admin/users/app-a:u-1/events", headers=admin).json()["data"]
         bare = httpx2.get(f"{url}/admin/users/u-1", headers=admin)
     assert strikes == [400, 400, 403]
     assert blocked.status_code == 403
     assert other_app.status_code == 200
     assert as_a["blocked"] is True
     assert (as_b.status_code, bare.status_code) == (404, 404)
+    # the audit trail names the application of every violation
+    assert [event["app"] for event in events if event["type"] == "violation"] == ["app-a"] * 3
 
 
 def test_users_per_app_needs_every_key_named(monkeypatch: pytest.MonkeyPatch) -> None:
