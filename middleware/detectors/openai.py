@@ -1,0 +1,171 @@
+"""The `openai` detector: OpenAI's moderation endpoint, with a verdict cache in front."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from middleware.detectors.cache import VerdictCache, sha256_hex
+from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
+
+MODERATION_MODEL = "omni-moderation-latest"
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    kind: str  # "text" or "image"
+    value: str
+    sha256: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.sha256}"
+
+    def part(self) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"type": "text", "text": self.value}
+        return {"type": "image_url", "image_url": {"url": self.value}}
+
+
+class OpenAIDetector:
+    """OpenAI's moderation endpoint (`POST {base_url}/moderations`, model omni-moderation-latest).
+
+    Credentials: `Bearer <api_key>` when the gateway has one, else the call's own Authorization.
+
+    Flagging. Without thresholds, a result with `flagged: true` is a violation and its true
+    `categories` are the categories. With thresholds (`{"violence": 0.5, "*": 0.9}`), `flagged` is
+    not consulted: each category is flagged when its `category_scores` entry is at or above its own
+    threshold, else the `*` one; a category with neither keeps its boolean from `categories`. The
+    verdict's `scores` holds the scores that crossed a threshold.
+
+    Caching. Every text and image URL is looked up by its SHA-256 in a bounded LRU first, so a
+    conversation's history resent every turn is judged once; only the rest is sent. Texts alone are
+    sent as an array of strings, which the endpoint answers with one result per string: each is
+    cached with its own verdict. With images the input is one multimodal array, which the endpoint
+    may answer with a single result for everything: then no input can be blamed alone, so the
+    inputs are cached only when that result is clean, a flagged result is not cached, and its
+    verdict's `text_sha256` is the SHA-256 of the JSON input array that was sent.
+    """
+
+    name = "openai"
+    cost = 100
+
+    def __init__(
+        self,
+        post: JsonPost,
+        base_url: str,
+        api_key: str | None,
+        thresholds: Mapping[str, float],
+        timeout: float,
+        *,
+        cache_size: int = 10_000,
+    ) -> None:
+        self._post = post
+        self.url = base_url.rstrip("/") + "/moderations"
+        self._api_key = api_key
+        self._thresholds = dict(thresholds)
+        self._timeout = timeout
+        self.cache = VerdictCache(self.name, cache_size)
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        items = [_Item("text", text, sha256_hex(text)) for text in user_input.texts]
+        items += [_Item("image", url, sha256_hex(url)) for url in user_input.images]
+        pending: list[_Item] = []
+        for item in items:
+            found, verdict = self.cache.get(item.key)
+            if verdict is not None:
+                return verdict
+            if not found:
+                pending.append(item)
+        if not pending:
+            return None
+
+        if any(item.kind == "image" for item in pending):
+            sent: list[Any] = [item.part() for item in pending]
+        else:
+            sent = [item.value for item in pending]
+        results = await self._moderate(sent, authorization)
+
+        if len(results) == len(pending):
+            first: Verdict | None = None
+            for item, result in zip(pending, results, strict=True):
+                verdict = self._judge(result, item.sha256)
+                self.cache.put(item.key, verdict)
+                first = first or verdict
+            return first
+        whole = hashlib.sha256(orjson.dumps(sent)).hexdigest()
+        for result in results:
+            verdict = self._judge(result, whole)
+            if verdict is not None:
+                return verdict
+        for item in pending:
+            self.cache.put(item.key, None)
+        return None
+
+    async def _moderate(self, sent: list[Any], authorization: str | None) -> Sequence[Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        elif authorization:
+            headers["Authorization"] = authorization
+        payload = orjson.dumps({"model": MODERATION_MODEL, "input": sent})
+        try:
+            async with asyncio.timeout(self._timeout):
+                status, body = await self._post(self.url, payload, headers, self._timeout)
+        except TimeoutError:
+            raise DetectorFailed(f"the moderation endpoint {self.url} did not answer within {self._timeout}s") from None
+        except OSError as exc:
+            raise DetectorFailed(f"the moderation endpoint {self.url} could not be reached: {exc}") from None
+        if not 200 <= status < 300:
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered HTTP {status}{_error_detail(body)}")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered a body that is not JSON") from None
+        results = data.get("results") if isinstance(data, dict) else None
+        if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered JSON without a `results` list")
+        return results
+
+    def _judge(self, result: Mapping[str, Any], sha256: str) -> Verdict | None:
+        flags = result.get("categories")
+        flags = flags if isinstance(flags, dict) else {}
+        scores = result.get("category_scores")
+        scores = scores if isinstance(scores, dict) else {}
+        if not self._thresholds:
+            if result.get("flagged") is not True:
+                return None
+            names = tuple(name for name, flagged in flags.items() if flagged is True) or ("unspecified",)
+            return Verdict(detector=self.name, categories=names, text_sha256=sha256)
+
+        default = self._thresholds.get("*")
+        categories: list[str] = []
+        crossed: dict[str, float] = {}
+        for name in dict.fromkeys([*scores, *flags]):
+            threshold = self._thresholds.get(name, default)
+            score = scores.get(name)
+            if threshold is None:
+                if flags.get(name) is True:
+                    categories.append(name)
+            elif isinstance(score, int | float) and not isinstance(score, bool) and score >= threshold:
+                categories.append(name)
+                crossed[name] = float(score)
+        if not categories:
+            return None
+        return Verdict(detector=self.name, categories=tuple(categories), text_sha256=sha256, scores=crossed)
+
+
+def _error_detail(body: bytes) -> str:
+    """The upstream's own error message, if it sent an OpenAI-shaped one (e.g. a wrong key)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return f": {message[:200]}" if isinstance(message, str) and message else ""

@@ -1,0 +1,109 @@
+"""The `rules` detector: operator-written regular expressions from a TOML file."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from middleware.detectors.cache import sha256_hex
+from middleware.detectors.screen import any_rule_pattern, ascii_prefilter, literal_screen
+from middleware.protocols import UserInput, Verdict
+
+# beside the middleware package, not this one: the README and operators' copies point there
+DEFAULT_RULES_FILE = Path(__file__).parent.parent / "rules.toml"
+
+# categories end up in metrics labels and a response header: keep them plain
+_CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ ./:-]*")
+_RULE_KEYS = frozenset({"category", "pattern", "name"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    category: str
+    pattern: re.Pattern[str]
+
+
+def load_rules(path: Path) -> tuple[Rule, ...]:
+    """Read and compile a rules file; any problem is a ValueError naming the file and the rule."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the rules file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the rules file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: the rules file is not valid TOML ({exc})") from None
+    tables = data.get("rules")
+    if not isinstance(tables, list) or not tables:
+        raise ValueError(f"{path}: expected one or more [[rules]] tables")
+    return tuple(_rule(path, index, table) for index, table in enumerate(tables, 1))
+
+
+def _rule(path: Path, index: int, table: Any) -> Rule:
+    where = f"{path}: rule {index}"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a [[rules]] table")
+    unknown = sorted(set(table) - _RULE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (expected category, pattern and optional name)")
+    category = table.get("category")
+    if not isinstance(category, str) or not _CATEGORY.fullmatch(category):
+        raise ValueError(
+            f"{where}: `category` must be a string of letters, digits, spaces and _ . / : - (got {category!r})"
+        )
+    source = table.get("pattern")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{where}: `pattern` must be a non-empty string (got {source!r})")
+    try:
+        pattern = re.compile(source, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"{where}: `pattern` is not a valid Python regular expression ({exc})") from None
+    if pattern.search(""):
+        raise ValueError(f"{where}: `pattern` matches empty text, so it would flag every request")
+    name = table.get("name", source)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: `name` must be a non-empty string (got {name!r})")
+    return Rule(name=name, category=category, pattern=pattern)
+
+
+class RulesDetector:
+    """Flags a text when a rule's pattern matches it; the first matching rule decides.
+
+    Images are not judged. The verdict's `rule` is the rule's name (its pattern by default).
+    """
+
+    name = "rules"
+    cost = 0
+
+    def __init__(self, rules_file: Path) -> None:
+        self.rules = load_rules(rules_file)
+        self._any = any_rule_pattern(self.rules)
+        self._any_ascii = ascii_prefilter(self.rules, self._any)
+        self._screen = literal_screen(self.rules) if self._any_ascii is not None else None
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        return self.check_now(user_input)
+
+    def check_now(self, user_input: UserInput) -> Verdict | None:
+        """The verdict, without a coroutine (a `LocalDetector`: the rules need no I/O)."""
+        screen = self._screen
+        for text in user_input.texts:
+            # The common case is a clean text: an ASCII one is cleared by the literal screen when
+            # it holds none of the words some rule needs; else one scan of the pre-filter; the
+            # rules in order only when it matched.
+            ascii_text = text.isascii()
+            if ascii_text and screen is not None and not screen.may_match(text):
+                continue
+            prefilter = self._any_ascii if ascii_text and self._any_ascii is not None else self._any
+            if prefilter is not None and not prefilter.search(text):
+                continue
+            for rule in self.rules:
+                if rule.pattern.search(text):
+                    return Verdict(
+                        detector=self.name, categories=(rule.category,), text_sha256=sha256_hex(text), rule=rule.name
+                    )
+        return None
