@@ -1,0 +1,246 @@
+"""The `openai` detector against a loopback /moderations, and its verdict cache."""
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from middleware.detectors import OpenAIDetector, VerdictCache
+from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+Answer = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class MockModeration:
+    """A loopback /moderations: flags texts containing "violent" and image URLs containing "bad"."""
+
+    base_url: str = ""
+    calls: list[tuple[Mapping[str, str], Any]] = field(default_factory=list)
+    answer: Answer | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # set at teardown: frees slow answers
+
+
+def score(text: str) -> dict[str, Any]:
+    violent = "violent" in text or "bad" in text
+    return {
+        "flagged": violent,
+        "categories": {"violence": violent, "harassment": False, "self-harm": False},
+        "category_scores": {"violence": 0.91 if violent else 0.02, "harassment": 0.6, "self-harm": 0.001},
+    }
+
+
+async def default_answer(request: web.Request, payload: Any) -> web.StreamResponse:
+    sent = payload["input"]
+    if all(isinstance(item, str) for item in sent):
+        results = [score(text) for text in sent]
+    else:  # multimodal: one result for the whole input, as the real endpoint does
+        joined = " ".join(item.get("text") or item.get("image_url", {}).get("url", "") for item in sent)
+        results = [score(joined)]
+    return web.json_response({"id": "modr-1", "model": payload["model"], "results": results})
+
+
+@pytest.fixture
+async def moderation() -> AsyncIterator[MockModeration]:
+    mock = MockModeration()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        mock.calls.append((dict(request.headers), payload))
+        return await (mock.answer or default_answer)(request, payload)
+
+    app = web.Application()
+    app.router.add_post("/v1/moderations", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    mock.base_url = f"http://127.0.0.1:{port}/v1"
+    yield mock
+    mock.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def post() -> AsyncIterator[JsonPost]:
+    async with aiohttp.ClientSession() as session:
+
+        async def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> tuple[int, bytes]:
+            try:
+                async with session.post(
+                    url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout)
+                ) as response:
+                    return response.status, await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise DetectorFailed(f"{url}: {exc!r}") from exc
+
+        yield post
+
+
+def detector(
+    post: JsonPost,
+    mock: MockModeration,
+    *,
+    api_key: str | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    timeout: float = 5.0,
+) -> OpenAIDetector:
+    return OpenAIDetector(post, mock.base_url, api_key, thresholds or {}, timeout)
+
+
+async def test_flagged_result_gives_its_true_categories(post: JsonPost, moderation: MockModeration) -> None:
+    openai = detector(post, moderation)
+    verdict = await openai.check(UserInput(texts=("hello", "something violent")), None)
+    assert verdict == Verdict(detector="openai", categories=("violence",), text_sha256=sha("something violent"))
+    headers, payload = moderation.calls[0]
+    assert payload == {"model": "omni-moderation-latest", "input": ["hello", "something violent"]}
+    assert headers["Content-Type"] == "application/json"
+
+
+async def test_clean_input_is_no_verdict(post: JsonPost, moderation: MockModeration) -> None:
+    assert await detector(post, moderation).check(UserInput(texts=("hello",)), None) is None
+
+
+async def test_gateway_key_wins_over_the_client_authorization(post: JsonPost, moderation: MockModeration) -> None:
+    await detector(post, moderation, api_key="sk-gateway").check(UserInput(texts=("a",)), "Bearer sk-client")
+    await detector(post, moderation).check(UserInput(texts=("b",)), "Bearer sk-client")
+    await detector(post, moderation).check(UserInput(texts=("c",)), None)
+    assert moderation.calls[0][0]["Authorization"] == "Bearer sk-gateway"
+    assert moderation.calls[1][0]["Authorization"] == "Bearer sk-client"
+    assert "Authorization" not in moderation.calls[2][0]
+
+
+async def test_thresholds_flag_on_scores_and_report_the_crossed_ones(
+    post: JsonPost, moderation: MockModeration
+) -> None:
+    # harassment scores 0.6 in every answer, with flagged false
+    strict = detector(post, moderation, thresholds={"harassment": 0.5})
+    verdict = await strict.check(UserInput(texts=("calm words",)), None)
+    assert verdict is not None
+    assert verdict.categories == ("harassment",)
+    assert verdict.scores == {"harassment": 0.6}
+
+    # no threshold for violence and no "*": its boolean still counts, without a score
+    both = await detector(post, moderation, thresholds={"harassment": 0.5}).check(UserInput(texts=("violent",)), None)
+    assert both is not None
+    assert set(both.categories) == {"violence", "harassment"}
+    assert both.scores == {"harassment": 0.6}
+
+    lenient = detector(post, moderation, thresholds={"violence": 0.95, "*": 0.7})
+    assert await lenient.check(UserInput(texts=("very violent",)), None) is None
+
+    star = detector(post, moderation, thresholds={"*": 0.5})
+    crossed = await star.check(UserInput(texts=("violent again",)), None)
+    assert crossed is not None
+    assert crossed.scores == {"violence": 0.91, "harassment": 0.6}
+
+
+async def test_images_go_as_one_multimodal_input(post: JsonPost, moderation: MockModeration) -> None:
+    openai = detector(post, moderation)
+    user_input = UserInput(texts=("what is this?",), images=("https://example.com/bad.png",))
+    verdict = await openai.check(user_input, None)
+    sent = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/bad.png"}},
+    ]
+    assert moderation.calls[0][1]["input"] == sent
+    assert verdict is not None
+    assert verdict.categories == ("violence",)
+    # one result for two inputs: the hash is of what was sent, and nothing is cached
+    assert verdict.text_sha256 == hashlib.sha256(orjson.dumps(sent)).hexdigest()
+    assert len(openai.cache) == 0
+
+
+async def test_clean_multimodal_input_is_cached_as_clean(post: JsonPost, moderation: MockModeration) -> None:
+    openai = detector(post, moderation)
+    user_input = UserInput(texts=("a cat",), images=("https://example.com/cat.png",))
+    assert await openai.check(user_input, None) is None
+    assert await openai.check(user_input, None) is None
+    assert len(moderation.calls) == 1
+
+
+async def test_cache_sends_only_new_texts(post: JsonPost, moderation: MockModeration) -> None:
+    openai = detector(post, moderation)
+    assert await openai.check(UserInput(texts=("turn one",)), None) is None
+    assert await openai.check(UserInput(texts=("turn one", "turn two")), None) is None
+    assert [payload["input"] for _, payload in moderation.calls] == [["turn one"], ["turn two"]]
+    assert await openai.check(UserInput(texts=("turn one", "turn two")), None) is None
+    assert len(moderation.calls) == 2
+
+
+async def test_cache_remembers_a_flagged_text(post: JsonPost, moderation: MockModeration) -> None:
+    openai = detector(post, moderation)
+    first = await openai.check(UserInput(texts=("violent words",)), None)
+    again = await openai.check(UserInput(texts=("hello", "violent words")), None)
+    assert first is not None
+    assert again == first
+    assert len(moderation.calls) == 1
+
+
+def test_verdict_cache_is_bounded_lru() -> None:
+    cache = VerdictCache("test", size=2)
+    cache.put("a", None)
+    cache.put("b", None)
+    assert cache.get("a") == (True, None)  # a is now the most recent
+    cache.put("c", None)
+    assert cache.get("b") == (False, None)
+    assert cache.get("a") == (True, None)
+    assert len(cache) == 2
+
+
+async def test_non_2xx_is_a_failure_with_the_upstream_message(post: JsonPost, moderation: MockModeration) -> None:
+    async def unauthorized(request: web.Request, payload: Any) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "Incorrect API key provided"}}, status=401)
+
+    moderation.answer = unauthorized
+    with pytest.raises(DetectorFailed, match="answered HTTP 401: Incorrect API key provided"):
+        await detector(post, moderation).check(UserInput(texts=("x",)), None)
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"results": []}', b'{"results": "x"}', b"[1, 2]", b'{"results": [1]}'])
+async def test_garbage_answers_are_failures(post: JsonPost, moderation: MockModeration, body: bytes) -> None:
+    async def garbage(request: web.Request, payload: Any) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    moderation.answer = garbage
+    openai = detector(post, moderation)
+    with pytest.raises(DetectorFailed, match="moderation endpoint"):
+        await openai.check(UserInput(texts=("x",)), None)
+    assert len(openai.cache) == 0
+
+
+async def test_timeout_is_a_failure(post: JsonPost, moderation: MockModeration) -> None:
+    async def slow(request: web.Request, payload: Any) -> web.StreamResponse:
+        await asyncio.wait_for(moderation.release.wait(), 10)
+        return web.json_response({})
+
+    moderation.answer = slow
+    with pytest.raises(DetectorFailed):
+        await detector(post, moderation, timeout=0.2).check(UserInput(texts=("x",)), None)
+
+
+async def test_connection_refused_is_a_failure(post: JsonPost) -> None:
+    with socket.socket() as probe:  # a loopback port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    closed = OpenAIDetector(post, f"http://127.0.0.1:{port}/v1", None, {}, 2)
+    with pytest.raises(DetectorFailed):
+        await closed.check(UserInput(texts=("x",)), None)
+
+
+async def test_empty_input_calls_nothing(post: JsonPost, moderation: MockModeration) -> None:
+    assert await detector(post, moderation).check(UserInput(), None) is None
+    assert moderation.calls == []
