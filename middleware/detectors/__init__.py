@@ -6,7 +6,7 @@ first, `openai` the moderation endpoint's detector, `cache` the verdict cache in
 
 from middleware.detectors.cache import VerdictCache, sha256_hex
 from middleware.detectors.openai import MODERATION_MODEL, OpenAIDetector
-from middleware.detectors.rules import DEFAULT_RULES_FILE, Rule, RulesDetector, load_rules
+from middleware.detectors.rules import DEFAULT_RULES_FILE, Rule, RulesDetector, load_rules, normal_form
 from middleware.detectors.screen import LiteralScreen, any_rule_pattern, ascii_prefilter, literal_screen
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "ascii_prefilter",
     "literal_screen",
     "load_rules",
+    "normal_form",
     "sha256_hex",
 ]

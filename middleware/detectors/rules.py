@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,14 @@ from middleware.protocols import UserInput, Verdict
 
 # beside the middleware package, not this one: the README and operators' copies point there
 DEFAULT_RULES_FILE = Path(__file__).parent.parent / "rules.toml"
+
+# Unicode category Cf (format characters: zero-width spaces and joiners, the soft hyphen, bidi
+# controls, tags) as of Unicode 15.1; a test holds it against the running Python's database.
+_FORMAT_CHARACTERS = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
 
 # categories end up in metrics labels and a response header: keep them plain
 _CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ ./:-]*")
@@ -70,10 +79,18 @@ def _rule(path: Path, index: int, table: Any) -> Rule:
     return Rule(name=name, category=category, pattern=pattern)
 
 
+def normal_form(text: str) -> str:
+    """The text as the rules see it when it is not ASCII: without format characters, NFKC-normalised
+    and case-folded, so full-width or mathematical letters, ligatures, no-break spaces and
+    zero-width characters inside a word disguise nothing. An ASCII text needs none of it."""
+    return unicodedata.normalize("NFKC", _FORMAT_CHARACTERS.sub("", text)).casefold()
+
+
 class RulesDetector:
     """Flags a text when a rule's pattern matches it; the first matching rule decides.
 
-    Images are not judged. The verdict's `rule` is the rule's name (its pattern by default).
+    A text that is not ASCII is judged in its `normal_form`. Images are not judged. The verdict's
+    `rule` is the rule's name (its pattern by default); its `text_sha256` is the text's as sent.
     """
 
     name = "rules"
@@ -82,8 +99,9 @@ class RulesDetector:
     def __init__(self, rules_file: Path) -> None:
         self.rules = load_rules(rules_file)
         self._any = any_rule_pattern(self.rules)
-        self._any_ascii = ascii_prefilter(self.rules, self._any)
-        self._screen = literal_screen(self.rules) if self._any_ascii is not None else None
+        ascii_twin = ascii_prefilter(self.rules, self._any)
+        self._screen = literal_screen(self.rules) if ascii_twin is not None else None
+        self._any_ascii = ascii_twin if ascii_twin is not None else self._any  # the pre-filter for ASCII texts
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
         return self.check_now(user_input)
@@ -95,14 +113,24 @@ class RulesDetector:
             # The common case is a clean text: an ASCII one is cleared by the literal screen when
             # it holds none of the words some rule needs; else one scan of the pre-filter; the
             # rules in order only when it matched.
-            ascii_text = text.isascii()
-            if ascii_text and screen is not None and not screen.may_match(text):
-                continue
-            prefilter = self._any_ascii if ascii_text and self._any_ascii is not None else self._any
-            if prefilter is not None and not prefilter.search(text):
+            if text.isascii():
+                if screen is not None and not screen.may_match(text):
+                    continue
+                seen = text
+                prefilter = self._any_ascii
+            else:
+                # every disguise is non-ASCII; undone, the text may be ASCII and take the fast path
+                seen = normal_form(text)
+                if not seen.isascii():
+                    prefilter = self._any
+                elif screen is not None and not screen.may_match(seen):
+                    continue
+                else:
+                    prefilter = self._any_ascii
+            if prefilter is not None and not prefilter.search(seen):
                 continue
             for rule in self.rules:
-                if rule.pattern.search(text):
+                if rule.pattern.search(seen):
                     return Verdict(
                         detector=self.name, categories=(rule.category,), text_sha256=sha256_hex(text), rule=rule.name
                     )
