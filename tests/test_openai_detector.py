@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from middleware.detectors import OpenAIDetector, VerdictCache
-from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
+from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 
 def sha(value: str) -> str:
@@ -25,7 +25,11 @@ Answer = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
 
 @dataclass
 class MockModeration:
-    """A loopback /moderations: flags texts containing "violent" and image URLs containing "bad"."""
+    """A loopback /moderations: flags texts containing "violent" and image URLs containing "bad".
+
+    Like OpenAI's, it refuses with 400 more than one image in a call, and an image URL it cannot
+    fetch (here: one containing "unfetchable").
+    """
 
     base_url: str = ""
     calls: list[tuple[Mapping[str, str], Any]] = field(default_factory=list)
@@ -47,9 +51,20 @@ async def default_answer(request: web.Request, payload: Any) -> web.StreamRespon
     if all(isinstance(item, str) for item in sent):
         results = [score(text) for text in sent]
     else:  # multimodal: one result for the whole input, as the real endpoint does
+        urls = [item["image_url"]["url"] for item in sent if item.get("type") == "image_url"]
+        if len(urls) > 1:
+            return refusal(f"Number of images ({len(urls)}) exceeds maximum of 1", "input", "too_many_images")
+        if urls and "unfetchable" in urls[0]:
+            return refusal(f"Failed to download image from {urls[0]}.", None, "invalid_image_url")
         joined = " ".join(item.get("text") or item.get("image_url", {}).get("url", "") for item in sent)
         results = [score(joined)]
     return web.json_response({"id": "modr-1", "model": payload["model"], "results": results})
+
+
+def refusal(message: str, param: str | None, code: str | None, status: int = 400) -> web.Response:
+    """An error answer in OpenAI's shape."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return web.json_response({"error": error}, status=status)
 
 
 @pytest.fixture
@@ -244,3 +259,109 @@ async def test_connection_refused_is_a_failure(post: JsonPost) -> None:
 async def test_empty_input_calls_nothing(post: JsonPost, moderation: MockModeration) -> None:
     assert await detector(post, moderation).check(UserInput(), None) is None
     assert moderation.calls == []
+
+
+# --- refusals of the input, and outages ----------------------------------------------------------
+
+
+async def test_an_unfetchable_image_is_a_refusal_of_the_input_not_an_outage(
+    post: JsonPost, moderation: MockModeration
+) -> None:
+    openai = detector(post, moderation)
+    user_input = UserInput(texts=("what is this?",), images=("https://example.com/unfetchable.png",))
+    with pytest.raises(InputRefused) as caught:
+        await openai.check(user_input, None)
+    refused = caught.value
+    assert refused.part == "input"
+    assert refused.message.startswith(
+        "The moderation endpoint cannot judge the image https://example.com/unfetchable.png"
+    )
+    assert refused.message.endswith(
+        "Failed to download image from https://example.com/unfetchable.png. Change or remove it and retry."
+    )
+    # nothing was cached: the same input is asked again, and refused again
+    assert len(openai.cache) == 0
+    with pytest.raises(InputRefused):
+        await openai.check(user_input, None)
+    assert len(moderation.calls) == 2
+
+
+async def test_too_many_images_is_a_refusal_of_the_input(post: JsonPost, moderation: MockModeration) -> None:
+    images = ("https://example.com/a.png", "https://example.com/b.png")
+    with pytest.raises(InputRefused, match=r"this input: Number of images \(2\) exceeds maximum of 1"):
+        await detector(post, moderation).check(UserInput(images=images), None)
+
+
+def answering(status: int, body: bytes, content_type: str = "application/json") -> Answer:
+    async def answer(request: web.Request, payload: Any) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    return answer
+
+
+def openai_error(message: str, param: str | None = None, code: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        # the endpoint names the refused item of its `input` array: the second one, the image
+        (
+            400,
+            openai_error("Invalid image URL: 'input[1].image_url.url'.", "input[1].image_url.url", "invalid_value"),
+            "cannot judge the image https://example.com/cat.png: Invalid image URL",
+        ),
+        (400, openai_error("Invalid value.", "input[0]", "invalid_value"), "cannot judge one of the user's texts"),
+        # FastAPI-style servers (vLLM, LiteLLM) answer 422 with the field's location
+        (
+            422,
+            orjson.dumps({"detail": [{"loc": ["body", "input", 1, "image_url"], "msg": "bad url", "type": "x"}]}),
+            "cannot judge the image https://example.com/cat.png: bad url",
+        ),
+        (413, b"<html>413 Request Entity Too Large</html>", "cannot judge this input (HTTP 413)"),
+        (400, b"", "cannot judge this input (HTTP 400)"),
+        (400, openai_error("Input is too long.", "input", "string_above_max_length"), "this input: Input is too long"),
+    ],
+)
+async def test_a_4xx_about_the_input_names_what_was_refused(
+    post: JsonPost, moderation: MockModeration, status: int, body: bytes, expected: str
+) -> None:
+    moderation.answer = answering(status, body, "application/json" if body.startswith(b"{") else "text/html")
+    user_input = UserInput(texts=("look",), images=("https://example.com/cat.png",))
+    with pytest.raises(InputRefused) as caught:
+        await detector(post, moderation).check(user_input, None)
+    assert expected in caught.value.message
+    assert caught.value.part == "input"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, openai_error("Incorrect API key provided", None, "invalid_api_key")),
+        (403, openai_error("Country, region, or territory not supported", None, "unsupported_country")),
+        (404, openai_error("The model `omni-moderation-latest` does not exist", "model", "model_not_found")),
+        (429, openai_error("Rate limit reached for requests", None, "rate_limit_exceeded")),
+        (500, openai_error("The server had an error while processing your request.")),
+        (502, b"<html>Bad Gateway</html>"),
+        (503, openai_error("The engine is currently overloaded, please try again later")),
+        # a 400 about the gateway's own request is the operator's to fix, not the client's
+        (400, openai_error("Invalid model.", "model", "invalid_value")),
+        (400, openai_error("You exceeded your current quota.", None, "insufficient_quota")),
+    ],
+)
+async def test_other_error_answers_are_outages(
+    post: JsonPost, moderation: MockModeration, status: int, body: bytes
+) -> None:
+    moderation.answer = answering(status, body, "application/json" if body.startswith(b"{") else "text/html")
+    with pytest.raises(DetectorFailed, match=f"answered HTTP {status}"):
+        await detector(post, moderation).check(UserInput(texts=("x",)), None)
+
+
+async def test_a_data_url_is_named_by_its_media_type_only(post: JsonPost, moderation: MockModeration) -> None:
+    image = "data:image/png;base64," + "A" * 5000
+    moderation.answer = answering(400, openai_error("Invalid image.", "input[0].image_url.url", "invalid_image"))
+    with pytest.raises(InputRefused) as caught:
+        await detector(post, moderation).check(UserInput(images=(image,)), None)
+    assert "the image data:image/png;base64,...: Invalid image" in caught.value.message
+    assert len(caught.value.message) < 300

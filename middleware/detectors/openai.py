@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 
 from middleware.detectors.cache import VerdictCache, sha256_hex
-from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
+from middleware.detectors.endpoint_errors import ErrorAnswer
+from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 MODERATION_MODEL = "omni-moderation-latest"
 
@@ -89,7 +90,7 @@ class OpenAIDetector:
             sent: list[Any] = [item.part() for item in pending]
         else:
             sent = [item.value for item in pending]
-        results = await self._moderate(sent, authorization)
+        results = await self._moderate(pending, sent, authorization)
 
         if len(results) == len(pending):
             first: Verdict | None = None
@@ -107,7 +108,7 @@ class OpenAIDetector:
             self.cache.put(item.key, None)
         return None
 
-    async def _moderate(self, sent: list[Any], authorization: str | None) -> Sequence[Any]:
+    async def _moderate(self, items: Sequence[_Item], sent: list[Any], authorization: str | None) -> Sequence[Any]:
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -122,7 +123,10 @@ class OpenAIDetector:
         except OSError as exc:
             raise DetectorFailed(f"the moderation endpoint {self.url} could not be reached: {exc}") from None
         if not 200 <= status < 300:
-            raise DetectorFailed(f"the moderation endpoint {self.url} answered HTTP {status}{_error_detail(body)}")
+            answer = ErrorAnswer.read(status, body)
+            if answer.about_input:
+                raise _refusal(answer, items)
+            raise DetectorFailed(f"the moderation endpoint {self.url} answered HTTP {status}{answer.detail()}")
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -160,12 +164,25 @@ class OpenAIDetector:
         return Verdict(detector=self.name, categories=tuple(categories), text_sha256=sha256, scores=crossed)
 
 
-def _error_detail(body: bytes) -> str:
-    """The upstream's own error message, if it sent an OpenAI-shaped one (e.g. a wrong key)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ""
-    error = data.get("error") if isinstance(data, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
-    return f": {message[:200]}" if isinstance(message, str) and message else ""
+def _refusal(answer: ErrorAnswer, items: Sequence[_Item]) -> InputRefused:
+    """The refusal to give the client, naming the refused image when the answer tells which."""
+    index = answer.input_index
+    item = items[index] if index is not None and index < len(items) else None
+    if item is None:  # the message may name the image it could not fetch
+        named = [item for item in items if item.kind == "image" and item.value in answer.message]
+        item = named[0] if len(named) == 1 else None
+    if item is None:
+        what = "this input"
+    elif item.kind == "image":
+        what = f"the image {_shown(item.value)}"
+    else:
+        what = "one of the user's texts"
+    reason = answer.detail().rstrip(".") or f" (HTTP {answer.status})"
+    return InputRefused(f"The moderation endpoint cannot judge {what}{reason}. Change or remove it and retry.", "input")
+
+
+def _shown(url: str) -> str:
+    """An image URL short enough for a message: a data: URL by its media type only."""
+    if url.startswith("data:"):
+        return url.split(",", 1)[0][:60] + ",..."
+    return url if len(url) <= 100 else url[:100] + "..."
