@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from middleware.detectors import OpenAIDetector, VerdictCache
+from middleware.detectors import MAX_IMAGES, OpenAIDetector, VerdictCache
 from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 
@@ -286,10 +286,55 @@ async def test_an_unfetchable_image_is_a_refusal_of_the_input_not_an_outage(
     assert len(moderation.calls) == 2
 
 
-async def test_too_many_images_is_a_refusal_of_the_input(post: JsonPost, moderation: MockModeration) -> None:
-    images = ("https://example.com/a.png", "https://example.com/b.png")
+async def test_images_go_one_per_call_the_texts_with_the_first(post: JsonPost, moderation: MockModeration) -> None:
+    openai = detector(post, moderation)
+    images = ("https://example.com/cat.png", "https://example.com/bad.png", "https://example.com/dog.png")
+    verdict = await openai.check(UserInput(texts=("look", "and this"), images=images), None)
+    sent = [payload["input"] for _, payload in moderation.calls]  # in the order they arrived
+    assert len(sent) == 3
+    assert [{"type": "text", "text": "look"}, {"type": "text", "text": "and this"}, part(images[0])] in sent
+    assert [part(images[1])] in sent
+    assert [part(images[2])] in sent
+    # the flagged image was alone in its call: it is blamed, and cached, by itself
+    assert verdict == Verdict(detector="openai", categories=("violence",), text_sha256=sha(images[1]))
+    assert await openai.check(UserInput(images=(images[1],)), None) == verdict
+    assert len(moderation.calls) == 3
+
+
+def part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+async def test_a_flag_in_one_call_wins_over_a_refusal_in_another(post: JsonPost, moderation: MockModeration) -> None:
+    images = ("https://example.com/unfetchable.png", "https://example.com/bad.png")
+    verdict = await detector(post, moderation).check(UserInput(images=images), None)
+    assert verdict is not None
+    assert verdict.text_sha256 == sha(images[1])
+    with pytest.raises(InputRefused, match="unfetchable"):
+        await detector(post, moderation).check(UserInput(images=(images[0], "https://example.com/ok.png")), None)
+
+
+async def test_more_new_images_than_the_limit_are_refused_without_a_call(
+    post: JsonPost, moderation: MockModeration
+) -> None:
+    openai = detector(post, moderation)
+    many = tuple(f"https://example.com/{index}.png" for index in range(MAX_IMAGES + 1))
+    with pytest.raises(InputRefused, match=f"at most {MAX_IMAGES} new images per request and this one has 17"):
+        await openai.check(UserInput(images=many), None)
+    assert moderation.calls == []
+    # images already judged do not count
+    assert await openai.check(UserInput(images=many[:MAX_IMAGES]), None) is None
+    assert await openai.check(UserInput(images=many), None) is None
+    assert len(moderation.calls) == MAX_IMAGES + 1
+
+
+async def test_the_endpoint_refusing_too_many_images_is_a_refusal_of_the_input(
+    post: JsonPost, moderation: MockModeration
+) -> None:
+    message = "Number of images (2) exceeds maximum of 1"
+    moderation.answer = answering(400, openai_error(message, "input", "too_many_images"))
     with pytest.raises(InputRefused, match=r"this input: Number of images \(2\) exceeds maximum of 1"):
-        await detector(post, moderation).check(UserInput(images=images), None)
+        await detector(post, moderation).check(UserInput(images=("https://example.com/a.png",)), None)
 
 
 def answering(status: int, body: bytes, content_type: str = "application/json") -> Answer:

@@ -5,12 +5,13 @@ first, `openai` the moderation endpoint's detector, `cache` the verdict cache in
 """
 
 from middleware.detectors.cache import VerdictCache, sha256_hex
-from middleware.detectors.openai import MODERATION_MODEL, OpenAIDetector
+from middleware.detectors.openai import MAX_IMAGES, MODERATION_MODEL, OpenAIDetector
 from middleware.detectors.rules import DEFAULT_RULES_FILE, Rule, RulesDetector, load_rules, normal_form
 from middleware.detectors.screen import LiteralScreen, any_rule_pattern, ascii_prefilter, literal_screen
 
 __all__ = [
     "DEFAULT_RULES_FILE",
+    "MAX_IMAGES",
     "MODERATION_MODEL",
     "LiteralScreen",
     "OpenAIDetector",

@@ -15,6 +15,9 @@ from middleware.detectors.endpoint_errors import ErrorAnswer
 from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 MODERATION_MODEL = "omni-moderation-latest"
+# OpenAI's endpoint judges one image per call (more: 400 too_many_images), so each image beyond
+# the first costs a call of its own; this bounds the calls one request can cost.
+MAX_IMAGES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,11 @@ class OpenAIDetector:
     may answer with a single result for everything: then no input can be blamed alone, so the
     inputs are cached only when that result is clean, a flagged result is not cached, and its
     verdict's `text_sha256` is the SHA-256 of the JSON input array that was sent.
+
+    Images. The endpoint takes one image per call: the texts go with the first image, each further
+    image in a call of its own (an image alone is blamed and cached alone), all calls at once. A
+    flag in any call decides; else a refusal of the input; else an outage. More than MAX_IMAGES
+    images not in the cache are refused (InputRefused) rather than judged in as many calls.
     """
 
     name = "openai"
@@ -86,6 +94,29 @@ class OpenAIDetector:
         if not pending:
             return None
 
+        images = [item for item in pending if item.kind == "image"]
+        if len(images) <= 1:
+            return await self._judge(pending, authorization)
+        if len(images) > MAX_IMAGES:
+            raise InputRefused(
+                f"The moderation endpoint judges at most {MAX_IMAGES} new images per request and this one has "
+                f"{len(images)}. Send fewer images at a time.",
+                "input",
+            )
+        texts = [item for item in pending if item.kind == "text"]
+        calls = [[*texts, images[0]], *([image] for image in images[1:])]
+        outcomes = await asyncio.gather(*(self._judge(call, authorization) for call in calls), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Verdict):
+                return outcome
+        for wanted in (InputRefused, DetectorFailed, BaseException):
+            for outcome in outcomes:
+                if isinstance(outcome, wanted):
+                    raise outcome
+        return None
+
+    async def _judge(self, pending: Sequence[_Item], authorization: str | None) -> Verdict | None:
+        """One call's verdict on `pending` (at most one image), caching what the answer allows."""
         if any(item.kind == "image" for item in pending):
             sent: list[Any] = [item.part() for item in pending]
         else:
@@ -95,13 +126,13 @@ class OpenAIDetector:
         if len(results) == len(pending):
             first: Verdict | None = None
             for item, result in zip(pending, results, strict=True):
-                verdict = self._judge(result, item.sha256)
+                verdict = self._verdict(result, item.sha256)
                 self.cache.put(item.key, verdict)
                 first = first or verdict
             return first
         whole = hashlib.sha256(orjson.dumps(sent)).hexdigest()
         for result in results:
-            verdict = self._judge(result, whole)
+            verdict = self._verdict(result, whole)
             if verdict is not None:
                 return verdict
         for item in pending:
@@ -136,7 +167,7 @@ class OpenAIDetector:
             raise DetectorFailed(f"the moderation endpoint {self.url} answered JSON without a `results` list")
         return results
 
-    def _judge(self, result: Mapping[str, Any], sha256: str) -> Verdict | None:
+    def _verdict(self, result: Mapping[str, Any], sha256: str) -> Verdict | None:
         flags = result.get("categories")
         flags = flags if isinstance(flags, dict) else {}
         scores = result.get("category_scores")
