@@ -22,9 +22,9 @@ def any_rule_pattern(rules: Sequence[Rule]) -> re.Pattern[str] | None:
     """One pattern that matches a text exactly when some rule's pattern does, or None.
 
     Python's `re` tries an alternation's branches one by one at every position, so the
-    alternation alone saves little over a search per rule (8 µs against 9.5 µs for the bundled
-    rules on a 100-character text). A lookahead for the characters a match can start with lets
-    it skip every other position quickly (3 µs). It only pre-filters: which rule matched, and
+    alternation alone saves little over a search per rule. A lookahead for the characters a
+    match can start with lets it skip every other position quickly (docs/PERFORMANCE.md has the
+    figures). It only pre-filters: which rule matched, and
     the first one, is still decided rule by rule. None when a pattern cannot be combined
     (backreferences, named groups, global inline flags) or the combination fails to compile.
     """
@@ -45,7 +45,7 @@ def any_rule_pattern(rules: Sequence[Rule]) -> re.Pattern[str] | None:
 
 
 def ascii_prefilter(rules: Sequence[Rule], combined: re.Pattern[str] | None) -> re.Pattern[str] | None:
-    """`combined` in ASCII mode, for ASCII texts only: it scans about twice as fast (4.6 -> 2.4 µs).
+    """`combined` in ASCII mode, for ASCII texts only: it scans about twice as fast.
 
     On an ASCII text, an ASCII pattern matches the same in both modes: `\\w`, `\\d` and `\\b` agree
     on ASCII characters, and case-insensitive matching differs only for non-ASCII characters
@@ -75,9 +75,8 @@ class LiteralScreen:
     such strings for the rules that have them; `rest` is the pre-filter of the rules that have
     none (None if every rule has some). A text none of whose lower-cased substrings is a literal,
     and that `rest` does not match, matches no rule. Python's regex engine tries the rules'
-    alternation at almost every position of a text (1.5 µs for a 75-character chat message on
-    the bundled rules, about 29,000 instructions); lower() and a substring test per literal cost
-    a third of that. Only for ASCII texts and ASCII rules (see `ascii_prefilter`), where lower-casing
+    alternation at almost every position of a text; lower() and a substring test per literal
+    cost a fraction of that. Only for ASCII texts and ASCII rules (see `ascii_prefilter`), where lower-casing
     is exact: `str.lower` and case-insensitive matching agree on every ASCII character.
     """
 
@@ -87,7 +86,7 @@ class LiteralScreen:
     def may_match(self, text: str) -> bool:
         """False when no rule can match `text` (an ASCII text); True: ask the rules."""
         lowered = text.lower()
-        for literal in self.literals:  # a plain loop: any(map(lowered.__contains__, ...)) costs 70 % more
+        for literal in self.literals:  # a plain loop: cheaper than any(map(lowered.__contains__, ...))
             if literal in lowered:
                 return True
         return self.rest is not None and self.rest.search(text) is not None
