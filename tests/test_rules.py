@@ -153,6 +153,23 @@ def test_normal_form_undoes_each_disguise() -> None:
     assert normal_form("caf\u00e9") == "caf\u00e9"  # accents are letters, not disguises
 
 
+_MIXED = st.text(
+    st.one_of(
+        st.characters(),
+        st.sampled_from("\u00a0\u202f\u3000\uff01\uff08\uff0c\uff1f\uff5e\u200b\u00ad\u0301\u3099\uff76\uff9e"),
+        st.sampled_from("\u4f60\u597d\u304b\u30ab\ud55c e E \u00df"),
+    )
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_MIXED)
+def test_normal_form_is_nfkc_casefolded_without_format_characters(text: str) -> None:
+    # the shortcut for common compatibility characters must not change NFKC's result
+    stripped = "".join(char for char in text if unicodedata.category(char) != "Cf")
+    assert normal_form(text) == unicodedata.normalize("NFKC", stripped).casefold()
+
+
 def test_the_format_characters_are_every_cf_character_of_this_python() -> None:
     missing = [
         f"U+{code:04X}"
