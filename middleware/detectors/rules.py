@@ -104,8 +104,9 @@ def normal_form(text: str) -> str:
 class RulesDetector:
     """Flags a text when a rule's pattern matches it; the first matching rule decides.
 
-    A text that is not ASCII is judged in its `normal_form`. Images are not judged. The verdict's
-    `rule` is the rule's name (its pattern by default); its `text_sha256` is the text's as sent.
+    A text that is not ASCII is judged in its `normal_form`, then as sent: a disguise hides nothing,
+    and no rule loses a match it had. Images are not judged. The verdict's `rule` is the rule's
+    name (its pattern by default); its `text_sha256` is the text's as sent.
     """
 
     name = "rules"
@@ -125,28 +126,39 @@ class RulesDetector:
         """The verdict, without a coroutine (a `LocalDetector`: the rules need no I/O)."""
         screen = self._screen
         for text in user_input.texts:
-            # The common case is a clean text: an ASCII one is cleared by the literal screen when
-            # it holds none of the words some rule needs; else one scan of the pre-filter; the
-            # rules in order only when it matched.
             if text.isascii():
+                # The common case is a clean text: an ASCII one is cleared by the literal screen
+                # when it holds none of the words some rule needs; else one scan of the
+                # pre-filter; the rules in order only when it matched.
                 if screen is not None and not screen.may_match(text):
                     continue
-                seen = text
-                prefilter = self._any_ascii
+                found = self._first_rule(text, self._any_ascii)
             else:
-                # every disguise is non-ASCII; undone, the text may be ASCII and take the fast path
-                seen = normal_form(text)
-                if not seen.isascii():
-                    prefilter = self._any
-                elif screen is not None and not screen.may_match(seen):
-                    continue
-                else:
-                    prefilter = self._any_ascii
-            if prefilter is not None and not prefilter.search(seen):
-                continue
-            for rule in self.rules:
-                if rule.pattern.search(seen):
-                    return Verdict(
-                        detector=self.name, categories=(rule.category,), text_sha256=sha256_hex(text), rule=rule.name
-                    )
+                found = self._first_rule_seen_through(text)
+            if found is not None:
+                return Verdict(
+                    detector=self.name, categories=(found.category,), text_sha256=sha256_hex(text), rule=found.name
+                )
         return None
+
+    def _first_rule(self, text: str, prefilter: re.Pattern[str] | None) -> Rule | None:
+        if prefilter is not None and not prefilter.search(text):
+            return None
+        for rule in self.rules:
+            if rule.pattern.search(text):
+                return rule
+        return None
+
+    def _first_rule_seen_through(self, text: str) -> Rule | None:
+        """The first rule matching a non-ASCII text's normal form, else the text as sent (a rule
+        may look for the very characters the normal form drops, such as invisible tags)."""
+        seen = normal_form(text)
+        if not seen.isascii():
+            found = self._first_rule(seen, self._any)
+        elif self._screen is not None and not self._screen.may_match(seen):
+            found = None
+        else:
+            found = self._first_rule(seen, self._any_ascii)
+        if found is None and seen != text:
+            found = self._first_rule(text, self._any)
+        return found
