@@ -142,6 +142,9 @@ def test_case_folding_catches_what_ignorecase_alone_misses(tmp_path: Path) -> No
     assert detector.check_now(UserInput(texts=("Wo ist die STRAẞE?",))) is not None
     assert detector.check_now(UserInput(texts=("wo ist die straße",))) is not None
     assert detector.check_now(UserInput(texts=("wo ist die strasseneinmündung",))) is None
+    # a rule written with the letter itself keeps matching the text as sent
+    written = RulesDetector(write_rules(tmp_path, "[[rules]]\ncategory = 'x'\npattern = 'stra\u00dfe'\n"))
+    assert written.check_now(UserInput(texts=("Wo ist die Straße?",))) is not None
 
 
 def test_normal_form_undoes_each_disguise() -> None:
@@ -211,6 +214,10 @@ def test_a_text_that_normalises_to_ascii_takes_the_ascii_path() -> None:
     verdict = detector.check_now(UserInput(texts=(full_width(_BOMB),)))
     assert verdict is not None  # found by the ASCII pre-filter and the rules in the normal form
     assert unicode_prefilter.scanned == [clean]
+    # a text whose normal form differs only by case is not scanned twice (the bundled rules are ASCII)
+    accented = "Héllo, what is the weather like in Lisbon?"
+    assert detector.check_now(UserInput(texts=(accented,))) is None
+    assert unicode_prefilter.scanned == [clean, accented.casefold()]
 
 
 def test_a_rule_for_the_characters_the_normal_form_drops_still_matches(tmp_path: Path) -> None:

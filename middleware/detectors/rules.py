@@ -91,6 +91,11 @@ def normal_form(text: str) -> str:
     """The text as the rules see it when it is not ASCII: without format characters, NFKC-normalised
     and case-folded, so full-width or mathematical letters, ligatures, no-break spaces and
     zero-width characters inside a word disguise nothing. An ASCII text needs none of it."""
+    return _compatible(text).casefold()
+
+
+def _compatible(text: str) -> str:
+    """`text` without format characters, NFKC-normalised (not yet case-folded)."""
     text = _FORMAT_CHARACTERS.sub("", text)
     if not unicodedata.is_normalized("NFKC", text):
         for char, plain in _COMMON_COMPATIBILITY:  # each a compatibility-equivalent step: NFKC's result is unchanged
@@ -98,7 +103,7 @@ def normal_form(text: str) -> str:
                 text = text.replace(char, plain)
         if not unicodedata.is_normalized("NFKC", text):
             text = unicodedata.normalize("NFKC", text)
-    return text.casefold()
+    return text
 
 
 class RulesDetector:
@@ -118,6 +123,8 @@ class RulesDetector:
         ascii_twin = ascii_prefilter(self.rules, self._any)
         self._screen = literal_screen(self.rules) if ascii_twin is not None else None
         self._any_ascii = ascii_twin if ascii_twin is not None else self._any  # the pre-filter for ASCII texts
+        # ASCII rules match case-insensitively: case folding alone takes no match from them
+        self._fold_safe = ascii_twin is not None
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
         return self.check_now(user_input)
@@ -152,13 +159,14 @@ class RulesDetector:
     def _first_rule_seen_through(self, text: str) -> Rule | None:
         """The first rule matching a non-ASCII text's normal form, else the text as sent (a rule
         may look for the very characters the normal form drops, such as invisible tags)."""
-        seen = normal_form(text)
+        compatible = _compatible(text)
+        seen = compatible.casefold()
         if not seen.isascii():
             found = self._first_rule(seen, self._any)
         elif self._screen is not None and not self._screen.may_match(seen):
             found = None
         else:
             found = self._first_rule(seen, self._any_ascii)
-        if found is None and seen != text:
+        if found is None and (compatible != text or (not self._fold_safe and seen != text)):
             found = self._first_rule(text, self._any)
         return found
