@@ -137,9 +137,11 @@ class RulesDetector:
                 # The common case is a clean text: an ASCII one is cleared by the literal screen
                 # when it holds none of the words some rule needs; else one scan of the
                 # pre-filter; the rules in order only when it matched.
-                if screen is not None and not screen.may_match(text):
+                if (screen is not None and not screen.may_match(text)) or (
+                    (prefilter := self._any_ascii) is not None and not prefilter.search(text)
+                ):
                     continue
-                found = self._first_rule(text, self._any_ascii)
+                found = self._first_rule(text, None)
             else:
                 found = self._first_rule_seen_through(text)
             if found is not None:
