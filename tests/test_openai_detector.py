@@ -8,12 +8,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import httpx2
+import openai
 import orjson
 import pytest
 from aiohttp import web
 
+from gateway.app import create_app
+from gateway.settings import Settings
 from middleware.detectors import MAX_IMAGES, OpenAIDetector, VerdictCache
 from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
+from tests.servers import run_app
+from tests.upstream import MockUpstream
 
 
 def sha(value: str) -> str:
@@ -273,11 +279,9 @@ async def test_an_unfetchable_image_is_a_refusal_of_the_input_not_an_outage(
         await openai.check(user_input, None)
     refused = caught.value
     assert refused.part == "input"
-    assert refused.message.startswith(
-        "The moderation endpoint cannot judge the image https://example.com/unfetchable.png"
-    )
-    assert refused.message.endswith(
-        "Failed to download image from https://example.com/unfetchable.png. Change or remove it and retry."
+    assert refused.message == (
+        "the moderation endpoint refused the image https://example.com/unfetchable.png (Failed to download image "
+        "from https://example.com/unfetchable.png); change or remove it and retry"
     )
     # nothing was cached: the same input is asked again, and refused again
     assert len(openai.cache) == 0
@@ -319,7 +323,9 @@ async def test_more_new_images_than_the_limit_are_refused_without_a_call(
 ) -> None:
     openai = detector(post, moderation)
     many = tuple(f"https://example.com/{index}.png" for index in range(MAX_IMAGES + 1))
-    with pytest.raises(InputRefused, match=f"at most {MAX_IMAGES} new images per request and this one has 17"):
+    with pytest.raises(
+        InputRefused, match=f"the gateway judges at most {MAX_IMAGES} new images per request and this one has 17"
+    ):
         await openai.check(UserInput(images=many), None)
     assert moderation.calls == []
     # images already judged do not count
@@ -333,7 +339,7 @@ async def test_the_endpoint_refusing_too_many_images_is_a_refusal_of_the_input(
 ) -> None:
     message = "Number of images (2) exceeds maximum of 1"
     moderation.answer = answering(400, openai_error(message, "input", "too_many_images"))
-    with pytest.raises(InputRefused, match=r"this input: Number of images \(2\) exceeds maximum of 1"):
+    with pytest.raises(InputRefused, match=r"refused the input \(Number of images \(2\) exceeds maximum of 1\)"):
         await detector(post, moderation).check(UserInput(images=("https://example.com/a.png",)), None)
 
 
@@ -355,18 +361,26 @@ def openai_error(message: str, param: str | None = None, code: str | None = None
         (
             400,
             openai_error("Invalid image URL: 'input[1].image_url.url'.", "input[1].image_url.url", "invalid_value"),
-            "cannot judge the image https://example.com/cat.png: Invalid image URL",
+            "refused the image https://example.com/cat.png (Invalid image URL: 'input[1].image_url.url')",
         ),
-        (400, openai_error("Invalid value.", "input[0]", "invalid_value"), "cannot judge one of the user's texts"),
+        (
+            400,
+            openai_error("Invalid value.", "input[0]", "invalid_value"),
+            "refused one of the user's texts (Invalid value)",
+        ),
         # FastAPI-style servers (vLLM, LiteLLM) answer 422 with the field's location
         (
             422,
             orjson.dumps({"detail": [{"loc": ["body", "input", 1, "image_url"], "msg": "bad url", "type": "x"}]}),
-            "cannot judge the image https://example.com/cat.png: bad url",
+            "refused the image https://example.com/cat.png (bad url)",
         ),
-        (413, b"<html>413 Request Entity Too Large</html>", "cannot judge this input (HTTP 413)"),
-        (400, b"", "cannot judge this input (HTTP 400)"),
-        (400, openai_error("Input is too long.", "input", "string_above_max_length"), "this input: Input is too long"),
+        (413, b"<html>413 Request Entity Too Large</html>", "refused the input (HTTP 413)"),
+        (400, b"", "refused the input (HTTP 400)"),
+        (
+            400,
+            openai_error("Input is too long.", "input", "string_above_max_length"),
+            "refused the input (Input is too long)",
+        ),
     ],
 )
 async def test_a_4xx_about_the_input_names_what_was_refused(
@@ -408,5 +422,35 @@ async def test_a_data_url_is_named_by_its_media_type_only(post: JsonPost, modera
     moderation.answer = answering(400, openai_error("Invalid image.", "input[0].image_url.url", "invalid_image"))
     with pytest.raises(InputRefused) as caught:
         await detector(post, moderation).check(UserInput(images=(image,)), None)
-    assert "the image data:image/png;base64,...: Invalid image" in caught.value.message
+    assert "the image data:image/png;base64,... (Invalid image)" in caught.value.message
     assert len(caught.value.message) < 300
+
+
+# --- through the gateway: a client cannot switch moderation off ----------------------------------
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+def test_an_input_the_endpoint_refuses_is_refused_in_either_failure_mode(
+    settings_factory: SettingsFactory, failure: str
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/unfetchable.png"}}
+    messages: Any = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]
+    with MockUpstream() as upstream:
+        upstream.behaviors["/v1/moderations"] = "status=400"  # what OpenAI answers for an image it cannot fetch
+        settings = settings_factory(
+            upstream_url=upstream.url, moderation="openai", moderation_failure=failure, max_strikes=1
+        )
+        with run_app(create_app(settings)) as url:
+            client = openai.OpenAI(
+                base_url=f"{url}/v1", api_key="sk-client", default_headers={"X-User-ID": "mallory"}, max_retries=0
+            )
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+            standing = httpx2.get(f"{url}/admin/users/mallory", headers={"Authorization": "Bearer admin-secret"})
+    assert caught.value.code == "invalid_request"
+    assert caught.value.param == "input"
+    assert "the moderation endpoint refused the input (the mock upstream answers 400)" in caught.value.message
+    assert [request.path for request in upstream.requests] == ["/v1/moderations"]  # nothing was forwarded
+    assert standing.status_code == 404  # and no strike: the user was never recorded

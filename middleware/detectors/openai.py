@@ -99,8 +99,8 @@ class OpenAIDetector:
             return await self._judge(pending, authorization)
         if len(images) > MAX_IMAGES:
             raise InputRefused(
-                f"The moderation endpoint judges at most {MAX_IMAGES} new images per request and this one has "
-                f"{len(images)}. Send fewer images at a time.",
+                f"the gateway judges at most {MAX_IMAGES} new images per request and this one has {len(images)}; "
+                "send fewer at a time",
                 "input",
             )
         texts = [item for item in pending if item.kind == "text"]
@@ -203,13 +203,13 @@ def _refusal(answer: ErrorAnswer, items: Sequence[_Item]) -> InputRefused:
         named = [item for item in items if item.kind == "image" and item.value in answer.message]
         item = named[0] if len(named) == 1 else None
     if item is None:
-        what = "this input"
+        what = "the input"
     elif item.kind == "image":
         what = f"the image {_shown(item.value)}"
     else:
         what = "one of the user's texts"
-    reason = answer.detail().rstrip(".") or f" (HTTP {answer.status})"
-    return InputRefused(f"The moderation endpoint cannot judge {what}{reason}. Change or remove it and retry.", "input")
+    reason = answer.message.rstrip(".") or f"HTTP {answer.status}"
+    return InputRefused(f"the moderation endpoint refused {what} ({reason}); change or remove it and retry", "input")
 
 
 def _shown(url: str) -> str:
