@@ -149,6 +149,10 @@ def test_case_folding_catches_what_ignorecase_alone_misses(tmp_path: Path) -> No
     assert detector.check_now(UserInput(texts=("Wo ist die STRAẞE?",))) is not None
     assert detector.check_now(UserInput(texts=("wo ist die straße",))) is not None
     assert detector.check_now(UserInput(texts=("wo ist die strasseneinmündung",))) is None
+    # a case-sensitive part keeps matching as written, in a text that is not ASCII too
+    sensitive = RulesDetector(write_rules(tmp_path, "[[rules]]\ncategory = 'x'\npattern = '(?-i:SECRET) key'\n"))
+    assert sensitive.check_now(UserInput(texts=("the SECRET key, café",))) is not None
+    assert sensitive.check_now(UserInput(texts=("the secret key, café",))) is None
     # a rule written with the letter itself keeps matching the text as sent
     written = RulesDetector(write_rules(tmp_path, "[[rules]]\ncategory = 'x'\npattern = 'stra\u00dfe'\n"))
     assert written.check_now(UserInput(texts=("Wo ist die Straße?",))) is not None

@@ -32,6 +32,9 @@ _COMMON_COMPATIBILITY = tuple(
     for char in "\u00a0\u202f\u3000\uff01\uff08\uff09\uff0c\uff1a\uff1b\uff1f\uff5e"
 )
 
+# A scoped flag group that turns case-insensitivity off, `(?-i:...)`: such a rule is case-sensitive in part.
+_CASE_SENSITIVE_PART = re.compile(r"\(\?[a-zA-Z]*-[a-zA-Z]*i")
+
 # categories end up in metrics labels and a response header: keep them plain
 _CATEGORY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ ./:-]*")
 _RULE_KEYS = frozenset({"category", "pattern", "name"})
@@ -123,8 +126,10 @@ class RulesDetector:
         ascii_twin = ascii_prefilter(self.rules, self._any)
         self._screen = literal_screen(self.rules) if ascii_twin is not None else None
         self._any_ascii = ascii_twin if ascii_twin is not None else self._any  # the pre-filter for ASCII texts
-        # ASCII rules match case-insensitively: case folding alone takes no match from them
-        self._fold_safe = ascii_twin is not None
+        # ASCII rules that match case-insensitively throughout lose no match to case folding alone
+        self._fold_safe = ascii_twin is not None and not any(
+            _CASE_SENSITIVE_PART.search(rule.pattern.pattern) for rule in self.rules
+        )
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
         return self.check_now(user_input)
