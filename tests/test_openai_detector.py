@@ -433,22 +433,21 @@ SettingsFactory = Callable[..., Settings]
 
 @pytest.mark.parametrize("failure", ["open", "closed"])
 def test_an_input_the_endpoint_refuses_is_refused_in_either_failure_mode(
-    settings_factory: SettingsFactory, failure: str
+    settings_factory: SettingsFactory, upstream: MockUpstream, failure: str
 ) -> None:
     image = {"type": "image_url", "image_url": {"url": "https://example.com/unfetchable.png"}}
     messages: Any = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]
-    with MockUpstream() as upstream:
-        upstream.behaviors["/v1/moderations"] = "status=400"  # what OpenAI answers for an image it cannot fetch
-        settings = settings_factory(
-            upstream_url=upstream.url, moderation="openai", moderation_failure=failure, max_strikes=1
+    upstream.behaviors["/v1/moderations"] = "status=400"  # what OpenAI answers for an image it cannot fetch
+    settings = settings_factory(
+        upstream_url=upstream.url, moderation="openai", moderation_failure=failure, max_strikes=1
+    )
+    with run_app(create_app(settings)) as url:
+        client = openai.OpenAI(
+            base_url=f"{url}/v1", api_key="sk-client", default_headers={"X-User-ID": "mallory"}, max_retries=0
         )
-        with run_app(create_app(settings)) as url:
-            client = openai.OpenAI(
-                base_url=f"{url}/v1", api_key="sk-client", default_headers={"X-User-ID": "mallory"}, max_retries=0
-            )
-            with pytest.raises(openai.BadRequestError) as caught:
-                client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-            standing = httpx2.get(f"{url}/admin/users/mallory", headers={"Authorization": "Bearer admin-secret"})
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        standing = httpx2.get(f"{url}/admin/users/mallory", headers={"Authorization": "Bearer admin-secret"})
     assert caught.value.code == "invalid_request"
     assert caught.value.param == "input"
     assert "the moderation endpoint refused the input (the mock upstream answers 400)" in caught.value.message
