@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import signal
 import sys
 
@@ -15,12 +16,33 @@ from gateway.settings import Settings, SettingsError, load_settings
 
 
 def _serve(settings: Settings) -> int:
-    from gateway.app import create_app
-
     problem = settings.open_relay_problem()
     if problem:
         print(f"chat-gateway: refusing to start: {problem}", file=sys.stderr)
         return 2
+    if settings.workers == 1:
+        return _run(settings)
+    from gateway.exposition import group_directory, prepare_group_directory, remove_group_directory
+
+    try:
+        metrics = group_directory(os.getpid())
+        prepare_group_directory(metrics)
+    except OSError as exc:
+        print(
+            f"chat-gateway: refusing to start: GATEWAY_WORKERS={settings.workers} needs a private, writable "
+            f"temporary directory (TMPDIR or /tmp) where the workers share their metrics: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return _run(settings)
+    finally:
+        remove_group_directory(metrics)
+
+
+def _run(settings: Settings) -> int:
+    from gateway.app import create_app
+
     # Build the app once here so a bad setting fails now, with one line, not in every worker.
     app = create_app(settings)
     config = uvicorn.Config(

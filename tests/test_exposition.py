@@ -1,0 +1,159 @@
+"""/metrics of a worker group: every worker's counts in every scrape, whichever worker answers it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.exposition import (
+    Exposition,
+    Snapshot,
+    families_of,
+    merge,
+    prepare_group_directory,
+)
+from middleware.hotmetrics import HotHistogram
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _series(text: str) -> Series:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _worker_registry(requests: int, in_flight: float, circuit_open: float, queue: float) -> CollectorRegistry:
+    """A registry shaped like a worker's: a counter, a hot histogram, gauges with and without a rule."""
+    registry = CollectorRegistry()
+    Counter("gateway_requests_total", "Requests.", ["route"], registry=registry).labels("/v1/chat").inc(requests)
+    histogram = HotHistogram("gateway_request_duration_seconds", "Durations.", buckets=(0.1, 1), registry=registry)
+    for _ in range(requests):
+        histogram.observe(0.05)
+    histogram.observe(0.5)
+    Gauge("gateway_requests_in_flight", "In flight.", registry=registry).set(in_flight)
+    Gauge("gateway_upstream_circuit_open", "Open.", registry=registry).set(circuit_open)
+    Gauge("gateway_block_cache_valid", "Valid.", registry=registry).set(1 if requests else 0)
+    Gauge("custom_queue_depth", "A gauge with no rule.", registry=registry).set(queue)
+    return registry
+
+
+def _merged(*snapshots: Snapshot) -> Series:
+    class Merged:
+        def collect(self) -> object:
+            return merge(snapshots)
+
+    return _series(generate_latest(Merged()).decode())  # type: ignore[arg-type]
+
+
+def test_counters_and_histograms_add_up_over_workers_dead_or_alive() -> None:
+    first = Snapshot(101, True, families_of(_worker_registry(3, 0, 0, 0)))
+    gone = Snapshot(102, False, families_of(_worker_registry(5, 0, 0, 0)))
+    series = _merged(first, gone)
+    assert series[("gateway_requests_total", (("route", "/v1/chat"),))] == 8
+    assert series[("gateway_request_duration_seconds_bucket", (("le", "0.1"),))] == 8
+    assert series[("gateway_request_duration_seconds_bucket", (("le", "1.0"),))] == 10
+    assert series[("gateway_request_duration_seconds_count", ())] == 10
+    assert series[("gateway_request_duration_seconds_sum", ())] == pytest.approx(8 * 0.05 + 2 * 0.5)
+
+
+def test_a_series_was_created_when_its_first_worker_made_it() -> None:
+    early, late = _worker_registry(1, 0, 0, 0), _worker_registry(1, 0, 0, 0)
+    early_created = _series(generate_latest(early).decode())[("gateway_requests_created", (("route", "/v1/chat"),))]
+    series = _merged(Snapshot(2, True, families_of(late)), Snapshot(1, True, families_of(early)))
+    assert series[("gateway_requests_created", (("route", "/v1/chat"),))] == early_created
+
+
+def test_gauges_merge_by_their_rule_over_live_workers_only() -> None:
+    series = _merged(
+        Snapshot(201, True, families_of(_worker_registry(1, in_flight=2, circuit_open=0, queue=7))),
+        Snapshot(202, True, families_of(_worker_registry(0, in_flight=3, circuit_open=1, queue=4))),
+        Snapshot(203, False, families_of(_worker_registry(9, in_flight=50, circuit_open=1, queue=99))),
+    )
+    assert series[("gateway_requests_in_flight", ())] == 5  # sum
+    assert series[("gateway_upstream_circuit_open", ())] == 1  # max
+    assert series[("gateway_block_cache_valid", ())] == 0  # min: one worker checks the database
+    # No rule: one series per live worker, told apart by its pid; the dead worker's is gone.
+    assert series[("custom_queue_depth", (("worker", "201"),))] == 7
+    assert series[("custom_queue_depth", (("worker", "202"),))] == 4
+    assert ("custom_queue_depth", (("worker", "203"),)) not in series
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """The pid of a process that runs for the test's length (another worker, as far as a snapshot knows)."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def test_a_scrape_merges_the_snapshots_other_workers_published(tmp_path: Path, live_pid: int) -> None:
+    directory = tmp_path / "group"
+    prepare_group_directory(directory)
+    dead_pid = _dead_pid()
+    others = [
+        Exposition(directory, registry=_worker_registry(4, 1, 0, 3), pid=live_pid),
+        Exposition(directory, registry=_worker_registry(6, 9, 1, 8), pid=dead_pid),
+    ]
+    for other in others:
+        await other.start()
+        await other.close()  # its last snapshot stays behind
+    mine = Exposition(directory, registry=_worker_registry(2, 1, 0, 5))
+    await mine.start()
+    try:
+        series = _series(mine.render().decode())
+    finally:
+        await mine.close()
+    assert series[("gateway_requests_total", (("route", "/v1/chat"),))] == 12
+    assert series[("gateway_requests_in_flight", ())] == 2  # the dead worker's 9 is not in flight
+    assert series[("gateway_upstream_circuit_open", ())] == 0
+    assert series[("custom_queue_depth", (("worker", str(live_pid)),))] == 3
+    assert series[("gateway_workers", ())] == 2
+    expected = {f"{pid}.json" for pid in (os.getpid(), live_pid, dead_pid)}
+    assert {path.name for path in directory.iterdir()} == expected  # no temporary file left behind
+
+
+def test_one_worker_renders_its_own_registry_and_writes_nothing(tmp_path: Path) -> None:
+    registry = _worker_registry(3, 0, 0, 0)
+    assert Exposition(None, registry=registry).render() == generate_latest(registry)
+
+
+@pytest.mark.parametrize("make", ["open to others", "symlink", "file"])
+def test_a_group_directory_others_could_feed_is_refused(tmp_path: Path, make: str) -> None:
+    directory = tmp_path / "group"
+    if make == "open to others":
+        directory.mkdir(mode=0o777)
+        directory.chmod(0o777)
+    elif make == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        directory.symlink_to(tmp_path / "elsewhere")
+    else:
+        directory.write_text("{}")
+    with pytest.raises(PermissionError, match="not a directory private to this user"):
+        prepare_group_directory(directory)
+
+
+def test_a_stale_group_directory_of_this_user_is_emptied(tmp_path: Path) -> None:
+    directory = tmp_path / "group"
+    directory.mkdir(mode=0o700)
+    (directory / "12345.json").write_text("{}")
+    prepare_group_directory(directory)
+    assert list(directory.iterdir()) == []
+    assert directory.stat().st_mode & 0o777 == 0o700
