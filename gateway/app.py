@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
@@ -35,6 +35,7 @@ from gateway.auth import ClientKeyMiddleware
 from gateway.blockcache import BlockCache
 from gateway.context import RequestContextMiddleware
 from gateway.database import Database
+from gateway.exposition import Exposition
 from gateway.jsonpost import JsonPoster
 from gateway.logs import configure_logging
 from gateway.proxy import Upstream
@@ -166,6 +167,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     store = Store(database, Policy.from_settings(settings), block_cache)
     detectors = build_detectors(settings, upstream)
     sweeper = ExpirySweeper(store)
+    exposition = Exposition.for_workers(settings.workers)
     webhooks = (
         WebhookSender(database, settings.webhook_url, settings.webhook_secret)
         if settings.webhook_url and settings.webhook_secret
@@ -180,6 +182,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             await block_cache.start(listen_url.get_secret_value() if listen_url else database.dsn)
             await upstream.start()
             await sweeper.start()
+            await exposition.start()
             if webhooks:
                 await webhooks.start()
             log.info(
@@ -193,6 +196,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         finally:
             if webhooks:
                 await webhooks.close()
+            await exposition.close()
             await sweeper.close()
             await upstream.close()
             await block_cache.close()
@@ -210,7 +214,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition.render(), media_type=CONTENT_TYPE_LATEST)
 
     site = Starlette(
         routes=[

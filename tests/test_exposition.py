@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import os
+import signal
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]  # (locust's dependency; no stubs in the lock)
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,10 +21,13 @@ from gateway.exposition import (
     Exposition,
     Snapshot,
     families_of,
+    group_directory,
     merge,
     prepare_group_directory,
 )
+from loadtests.harness import child_env, free_port
 from middleware.hotmetrics import HotHistogram
+from tests.upstream import MockUpstream
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -157,3 +166,135 @@ def test_a_stale_group_directory_of_this_user_is_emptied(tmp_path: Path) -> None
     prepare_group_directory(directory)
     assert list(directory.iterdir()) == []
     assert directory.stat().st_mode & 0o777 == 0o700
+
+
+# --- a real gateway of two workers ----------------------------------------------------------------
+
+
+def _get(connection: http.client.HTTPConnection, path: str, **headers: str) -> tuple[int, bytes]:
+    connection.request("GET", path, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def _workers(supervisor: psutil.Process, port: int) -> list[psutil.Process]:
+    listening = []
+    for child in supervisor.children():
+        try:
+            connections = child.net_connections("tcp")
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+            listening.append(child)
+    return listening
+
+
+def _served_by(workers: list[psutil.Process], connection: http.client.HTTPConnection) -> int:
+    assert connection.sock is not None
+    client_port = connection.sock.getsockname()[1]
+    for worker in workers:
+        if any(c.raddr and c.raddr.port == client_port for c in worker.net_connections("tcp")):
+            return int(worker.pid)
+    raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def _counts(
+    scrape: Callable[[http.client.HTTPConnection], Series],
+    connection: http.client.HTTPConnection,
+    key: tuple[str, tuple[tuple[str, str], ...]],
+    expected: float,
+) -> bool:
+    return scrape(connection).get(key) == expected
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.faults
+def test_every_scrape_of_a_two_worker_gateway_counts_both_workers(tmp_path: Path, database_url: str) -> None:
+    port = free_port()
+    with MockUpstream() as upstream:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway"],
+            env=child_env(
+                DATABASE_URL=database_url,
+                GATEWAY_PORT=str(port),
+                GATEWAY_WORKERS="2",
+                GATEWAY_UPSTREAM_URL=upstream.url,
+                GATEWAY_MODERATION="off",
+                GATEWAY_SHUTDOWN_GRACE="5",
+                GATEWAY_LOG_LEVEL="warning",
+            ),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        supervisor = psutil.Process(process.pid)
+        connections: dict[int, http.client.HTTPConnection] = {}
+        try:
+            _until(lambda: process.poll() is None and len(_workers(supervisor, port)) == 2, "two workers listening")
+            workers = _workers(supervisor, port)
+            # New connections until each worker holds one (the kernel picks the worker that accepts).
+            for _ in range(100):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                try:
+                    assert _get(connection, "/healthz")[0] == 200
+                except OSError:  # not accepting yet
+                    connection.close()
+                    time.sleep(0.1)
+                    continue
+                pid = _served_by(workers, connection)
+                if pid in connections:
+                    connection.close()
+                else:
+                    connections[pid] = connection
+                if len(connections) == 2:
+                    break
+            assert len(connections) == 2, "the kernel never handed a connection to the second worker"
+            first, second = (connections[worker.pid] for worker in workers)
+            for connection, calls in ((first, 3), (second, 5)):
+                for _ in range(calls):
+                    assert _get(connection, "/v1/models", **{"X-User-ID": "alice"})[0] == 200
+            models = ("gateway_requests_total", (("method", "GET"), ("route", "/v1/models"), ("status", "200")))
+
+            def scraped(connection: http.client.HTTPConnection) -> Series:
+                status, body = _get(connection, "/metrics")
+                assert status == 200
+                return _series(body.decode())
+
+            # Each worker answers with the other's calls too (published within a second).
+            for connection in (first, second):
+                _until(partial(_counts, scraped, connection, models, 8), "a scrape missed the other worker's calls")
+                assert scraped(connection)[("gateway_workers", ())] == 2
+
+            # A worker killed outright: its calls stay counted, its replacement joins the group.
+            workers[1].send_signal(signal.SIGKILL)
+            second.close()
+            _until(
+                lambda: (
+                    workers[1].pid not in {w.pid for w in _workers(supervisor, port)}
+                    and len(_workers(supervisor, port)) == 2
+                ),
+                "the supervisor did not replace the killed worker",
+            )
+            _until(lambda: scraped(first)[("gateway_workers", ())] == 2, "the new worker never published")
+            assert scraped(first)[models] == 8
+            directory = group_directory(process.pid)
+            assert f"{workers[1].pid}.json" in os.listdir(directory)
+        finally:
+            for connection in connections.values():
+                connection.close()
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = process.communicate(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+    assert process.returncode == 0, stderr
+    assert not group_directory(process.pid).exists(), "the supervisor left the group's metrics behind"
