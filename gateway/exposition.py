@@ -209,21 +209,16 @@ class Exposition:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                self._publish(directory)
+                # The write goes to a thread: a rename over the old file can wait for the disk.
+                await asyncio.to_thread(_write, directory, self._pid, self._snapshot())
             except OSError as exc:
                 log.warning("cannot publish this worker's metrics", directory=str(directory), error=repr(exc))
 
     def _publish(self, directory: Path) -> None:
-        data = orjson.dumps({"written": time.time(), "families": families_of(self._registry)})
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{self._pid}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            os.replace(temporary, directory / f"{self._pid}.json")  # readers see the old file or the new one
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        _write(directory, self._pid, self._snapshot())
+
+    def _snapshot(self) -> bytes:
+        return orjson.dumps({"written": time.time(), "families": families_of(self._registry)})
 
     def _others(self, directory: Path) -> list[Snapshot]:
         found: list[Snapshot] = []
@@ -246,6 +241,18 @@ class Exposition:
                 live = _alive(pid) and now - written < 3 * self._interval + 1
                 found.append(Snapshot(pid, live, families))
         return found
+
+
+def _write(directory: Path, pid: int, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{pid}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, directory / f"{pid}.json")  # readers see the old file or the new one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _alive(pid: int) -> bool:
