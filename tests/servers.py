@@ -7,7 +7,9 @@ and the sync OpenAI client can all talk to it over real HTTP.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -84,3 +86,16 @@ def run_app(
         server.should_exit = True
         thread.join(shutdown_timeout + 5)
         sock.close()
+
+
+def stop_process(process: subprocess.Popen[str], timeout: float = 30) -> str:
+    """SIGTERM `process` if it still runs and wait for it (killed past `timeout`); its stderr."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return stderr or ""

@@ -27,6 +27,7 @@ from gateway.exposition import (
 )
 from loadtests.harness import child_env, free_port
 from middleware.hotmetrics import HotHistogram
+from tests.servers import stop_process
 from tests.upstream import MockUpstream
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -289,12 +290,6 @@ def test_every_scrape_of_a_two_worker_gateway_counts_both_workers(tmp_path: Path
         finally:
             for connection in connections.values():
                 connection.close()
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                _, stderr = process.communicate(timeout=30)
-            finally:
-                if process.poll() is None:
-                    process.kill()
+            stderr = stop_process(process)
     assert process.returncode == 0, stderr
     assert not group_directory(process.pid).exists(), "the supervisor left the group's metrics behind"

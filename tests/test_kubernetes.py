@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from gateway.app import create_app
 from gateway.settings import Settings, settings_from, variable_name
 from loadtests.harness import child_env, free_port
 from tests.conftest import SettingsFactory
-from tests.servers import run_app
+from tests.servers import run_app, stop_process
 from tests.upstream import MockUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,13 +399,7 @@ def test_the_gateway_serves_on_a_read_only_root_filesystem(
         assert violation.json()["error"]["code"] == "content_policy_violation"
         assert httpx2.get(f"{base}/metrics").status_code == 200
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        stderr = stop_process(process)
     assert process.returncode == 0, stderr[-2000:]
     assert "Read-only file system" not in stderr
 
