@@ -190,13 +190,17 @@ def _workers(supervisor: psutil.Process, port: int) -> list[psutil.Process]:
     return listening
 
 
-def _served_by(workers: list[psutil.Process], connection: http.client.HTTPConnection) -> int:
+def _served_by(supervisor: psutil.Process, port: int, connection: http.client.HTTPConnection) -> int | None:
+    """The pid of the worker holding the server side of `connection`, if a live one does."""
     assert connection.sock is not None
     client_port = connection.sock.getsockname()[1]
-    for worker in workers:
-        if any(c.raddr and c.raddr.port == client_port for c in worker.net_connections("tcp")):
-            return int(worker.pid)
-    raise AssertionError(f"no worker holds the connection from port {client_port}")
+    for worker in _workers(supervisor, port):
+        try:
+            if any(c.raddr and c.raddr.port == client_port for c in worker.net_connections("tcp")):
+                return int(worker.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return None
 
 
 def _counts(
@@ -208,7 +212,7 @@ def _counts(
     return scrape(connection).get(key) == expected
 
 
-def _until(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+def _until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, what
@@ -239,25 +243,27 @@ def test_every_scrape_of_a_two_worker_gateway_counts_both_workers(tmp_path: Path
         connections: dict[int, http.client.HTTPConnection] = {}
         try:
             _until(lambda: process.poll() is None and len(_workers(supervisor, port)) == 2, "two workers listening")
-            workers = _workers(supervisor, port)
-            # New connections until each worker holds one (the kernel picks the worker that accepts).
-            for _ in range(100):
+            # One open connection to each worker (the kernel picks the worker that accepts). A worker
+            # slow to start may be replaced meanwhile (uvicorn kills one that misses its health
+            # check): only live workers count.
+            deadline = time.monotonic() + 60
+            while len(connections) < 2:
+                assert time.monotonic() < deadline, "no connection reached the second worker"
+                live = {worker.pid for worker in _workers(supervisor, port)}
+                for gone in [pid for pid in connections if pid not in live]:
+                    connections.pop(gone).close()
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 try:
-                    assert _get(connection, "/healthz")[0] == 200
-                except OSError:  # not accepting yet
+                    served = _get(connection, "/healthz")[0] == 200
+                except OSError:  # not accepting yet, or a worker replaced mid-call
+                    served = False
+                pid = _served_by(supervisor, port, connection) if served else None
+                if pid is None or pid in connections:
                     connection.close()
-                    time.sleep(0.1)
-                    continue
-                pid = _served_by(workers, connection)
-                if pid in connections:
-                    connection.close()
+                    time.sleep(0.05)
                 else:
                     connections[pid] = connection
-                if len(connections) == 2:
-                    break
-            assert len(connections) == 2, "the kernel never handed a connection to the second worker"
-            first, second = (connections[worker.pid] for worker in workers)
+            (first_pid, first), (second_pid, second) = connections.items()
             for connection, calls in ((first, 3), (second, 5)):
                 for _ in range(calls):
                     assert _get(connection, "/v1/models", **{"X-User-ID": "alice"})[0] == 200
@@ -274,19 +280,20 @@ def test_every_scrape_of_a_two_worker_gateway_counts_both_workers(tmp_path: Path
                 assert scraped(connection)[("gateway_workers", ())] == 2
 
             # A worker killed outright: its calls stay counted, its replacement joins the group.
-            workers[1].send_signal(signal.SIGKILL)
+            os.kill(second_pid, signal.SIGKILL)
             second.close()
-            _until(
-                lambda: (
-                    workers[1].pid not in {w.pid for w in _workers(supervisor, port)}
-                    and len(_workers(supervisor, port)) == 2
-                ),
-                "the supervisor did not replace the killed worker",
-            )
-            _until(lambda: scraped(first)[("gateway_workers", ())] == 2, "the new worker never published")
-            assert scraped(first)[models] == 8
+
+            def newcomers() -> set[int]:
+                return {int(worker.pid) for worker in _workers(supervisor, port)} - {first_pid, second_pid}
+
+            _until(lambda: len(newcomers()) == 1, "the supervisor did not replace the killed worker")
+            (new_pid,) = newcomers()
             directory = group_directory(process.pid)
-            assert f"{workers[1].pid}.json" in os.listdir(directory)
+            _until(lambda: f"{new_pid}.json" in os.listdir(directory), "the new worker never published")
+            series = scraped(first)
+            assert series[("gateway_workers", ())] == 2  # the killed one's gauges are gone
+            assert series[models] == 8  # its calls are not
+            assert f"{second_pid}.json" in os.listdir(directory)
         finally:
             for connection in connections.values():
                 connection.close()
