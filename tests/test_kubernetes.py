@@ -361,6 +361,8 @@ def _read_only_gateway(workers: int, empty_dir_tmp: bool, database_url: str, ups
             "PYTHONDONTWRITEBYTECODE": "1",  # as the image sets it
         }
     )
+    for name in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"):
+        environment.pop(name, None)  # coverage's data file could not be written there
     command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _READ_ONLY, "sh"]
     return subprocess.Popen(
         [*command, sys.executable, "-m", "gateway"], env=environment, cwd="/", stderr=subprocess.PIPE, text=True
