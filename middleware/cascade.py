@@ -76,7 +76,8 @@ class Cascade:
                 failed_open = True
                 continue
             except InputRefused as exc:
-                log.info("input_refused", detector=detector.name, part=exc.part, error=exc.message)
+                # Not the message: it may quote the user's image URL, which can carry a signed token.
+                log.info("input_refused", detector=detector.name, part=exc.part)
                 raise Refused(
                     "invalid",
                     GatewayError(
