@@ -43,10 +43,16 @@ class Block:
 
 @dataclass(frozen=True, slots=True)
 class UserInput:
-    """The user-authored part of a request: what the detectors judge."""
+    """The user-authored part of a request: what the detectors judge, and what they cannot read.
+
+    `unjudgeable` names the parts no detector reads (audio, files, images referenced by file id,
+    token ids), as the request parameter that holds them (`messages[2].content[1]`, a form
+    field's name): GATEWAY_UNJUDGEABLE decides whether such a call is forwarded or refused.
+    """
 
     texts: tuple[str, ...] = ()
     images: tuple[str, ...] = ()  # image URLs, data: URLs included
+    unjudgeable: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.texts or self.images)

@@ -3,7 +3,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from middleware.extract import _chat, _chat_of_strings, _Collector, extract_user_input
+from middleware import extract
+from middleware.extract import Collector, _chat, _chat_of_strings, extract_user_input
 from middleware.protocols import UserInput
 
 
@@ -40,6 +41,7 @@ def test_chat_text_and_image_parts() -> None:
     found = extract_user_input("chat", body)
     assert found.texts == ("what is this?",)
     assert found.images == ("https://example.com/a.png", "data:image/png;base64,AAAA")
+    assert found.unjudgeable == ("messages[0].content[3]",)  # the audio
 
 
 def test_identical_texts_and_images_are_deduplicated_in_order() -> None:
@@ -94,6 +96,7 @@ def test_responses_items_of_the_user_only() -> None:
     found = extract_user_input("responses", body)
     assert found.texts == ("plain user text", "part text", "roleless message")
     assert found.images == ("https://example.com/b.png",)
+    assert found.unjudgeable == ("input[3].content[2]",)  # the image by file id
 
 
 def test_unknown_route_finds_nothing() -> None:
@@ -229,7 +232,7 @@ _message = st.one_of(
 @given(st.lists(_message, max_size=6))
 def test_the_common_chat_path_agrees_with_the_general_one(messages: list[Any]) -> None:
     common = _chat_of_strings(messages)
-    general = _Collector()
+    general = Collector()
     _chat(general, messages)
     if common is not None:
         assert common == general.result()
@@ -237,3 +240,228 @@ def test_the_common_chat_path_agrees_with_the_general_one(messages: list[Any]) -
         assert any(
             isinstance(m, dict) and m.get("role") == "user" and not isinstance(m.get("content"), str) for m in messages
         )
+
+
+# --- the parts no detector reads ---------------------------------------------------------------
+
+
+def test_chat_names_audio_files_and_images_without_a_url() -> None:
+    body = {
+        "messages": [
+            {"role": "system", "content": [{"type": "file", "file": {"file_id": "file-sys"}}]},
+            {"role": "user", "content": "hello"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                    {"type": "file", "file": {"file_data": "JVBERi0=", "filename": "a.pdf"}},
+                    {"type": "image_url", "image_url": {"detail": "low"}},
+                    {"type": "input_video", "video": "new part types are unreadable until taught"},
+                    {"type": "text", "text": "with parts"},
+                ],
+            },
+        ]
+    }
+    found = extract.chat(body)
+    assert found.texts == ("hello", "with parts")
+    assert found.unjudgeable == (
+        "messages[2].content[0]",
+        "messages[2].content[1]",
+        "messages[2].content[2]",
+        "messages[2].content[3]",
+    )
+
+
+def test_a_part_without_a_type_is_judged_for_its_text() -> None:
+    found = extract.chat({"messages": [{"role": "user", "content": [{"text": "untyped words"}, {"other": 1}]}]})
+    assert found == UserInput(texts=("untyped words",))
+
+
+def test_completion_suffix_is_judged_and_token_ids_are_unreadable() -> None:
+    assert extract.completions({"prompt": "def f(", "suffix": "return x"}).texts == ("def f(", "return x")
+    assert extract.completions({"prompt": [1, 2, 3]}) == UserInput(unjudgeable=("prompt",))
+    found = extract.completions({"prompt": ["text", [1, 2], [3]], "suffix": 5})
+    assert found == UserInput(texts=("text",), unjudgeable=("prompt[1]", "prompt[2]"))
+    # booleans are not token ids, and an empty list holds nothing
+    assert not extract.completions({"prompt": [True, False]}).unjudgeable
+    assert extract.completions({"prompt": []}) == UserInput()
+
+
+def test_responses_prompt_variables_are_the_users() -> None:
+    body = {
+        "prompt": {
+            "id": "pmpt_1",
+            "variables": {
+                "city": "Paris",
+                "question": {"type": "input_text", "text": "what to see?"},
+                "photo": {"type": "input_image", "image_url": "https://example.com/p.png"},
+                "scan": {"type": "input_image", "file_id": "file-1"},
+                "report": {"type": "input_file", "file_id": "file-2"},
+                "count": 3,
+            },
+        },
+        "instructions": "the application's words",
+    }
+    found = extract.responses(body)
+    assert found.texts == ("Paris", "what to see?")
+    assert found.images == ("https://example.com/p.png",)
+    assert found.unjudgeable == ("prompt.variables.scan", "prompt.variables.report")
+
+
+def test_responses_bare_file_and_audio_items_are_unreadable() -> None:
+    body = {
+        "input": [
+            {"type": "input_file", "file_url": "https://example.com/a.pdf"},
+            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "mp3"}},
+            {"type": "function_call_output", "call_id": "c", "output": "a tool's words"},
+            {"role": "user", "content": [{"type": "input_file", "file_data": "data:application/pdf;base64,AA"}]},
+        ]
+    }
+    assert extract.responses(body).unjudgeable == ("input[0]", "input[1]", "input[3].content[0]")
+
+
+def test_conversation_items_are_read_as_a_responses_input() -> None:
+    body = {
+        "items": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "remember this"}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "model words"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+        ],
+        "metadata": {"topic": "not judged"},
+    }
+    found = extract.conversation_items(body)
+    assert found == UserInput(texts=("remember this",), unjudgeable=("items[2].content[0]",))
+
+
+def test_image_and_video_prompts_and_references() -> None:
+    assert extract.prompt({"prompt": "a red fox", "model": "gpt-image-1"}).texts == ("a red fox",)
+    edit = {
+        "prompt": "make it snow",
+        "images": [{"image_url": "https://example.com/a.png"}, {"file_id": "file-1"}, "not an object"],
+        "mask": {"image_url": "data:image/png;base64,AAAA"},
+    }
+    assert extract.image_edit(edit) == UserInput(
+        texts=("make it snow",),
+        images=("https://example.com/a.png", "data:image/png;base64,AAAA"),
+        unjudgeable=("images[1]",),
+    )
+    assert extract.video({"prompt": "waves", "input_reference": {"file_id": "file-2"}}) == UserInput(
+        texts=("waves",), unjudgeable=("input_reference",)
+    )
+    assert extract.video({"prompt": "waves", "input_reference": {"image_url": "https://e.com/r.jpg"}}).images == (
+        "https://e.com/r.jpg",
+    )
+
+
+def test_speech_input_is_judged_and_its_instructions_are_not() -> None:
+    found = extract.speech({"input": "words to speak", "instructions": "speak softly", "voice": "alloy"})
+    assert found == UserInput(texts=("words to speak",))
+
+
+def test_assistants_threads_messages_and_runs() -> None:
+    user = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "look at this"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/t.png"}},
+            {"type": "image_file", "image_file": {"file_id": "file-3"}},
+        ],
+        "attachments": [{"file_id": "file-4", "tools": [{"type": "file_search"}]}],
+    }
+    assistant = {"role": "assistant", "content": "the application's words"}
+    assert extract.thread({"messages": [assistant, user]}) == UserInput(
+        texts=("look at this",),
+        images=("https://example.com/t.png",),
+        unjudgeable=("messages[1].content[2]", "messages[1].attachments"),
+    )
+    run_body = {
+        "assistant_id": "asst_1",
+        "instructions": "app words",
+        "additional_instructions": "more app words",
+        "thread": {"messages": [{"role": "user", "content": "in the new thread"}]},
+        "additional_messages": [{"role": "user", "content": "added"}, assistant],
+    }
+    assert extract.thread_run(run_body).texts == ("in the new thread", "added")
+    assert extract.run(run_body).texts == ("added",)
+    assert extract.thread_message(user).unjudgeable == ("content[2]", "attachments")
+    assert extract.thread_message({"role": "user", "content": "plain", "attachments": []}).texts == ("plain",)
+    assert extract.thread_message(assistant) == UserInput()
+
+
+def test_an_upload_of_a_batch_file_in_parts_is_unjudgeable() -> None:
+    batch = {"purpose": " Batch ", "filename": "b.jsonl", "bytes": 10, "mime_type": "text/jsonl"}
+    assert extract.upload(batch) == UserInput(unjudgeable=("purpose",))
+    assert extract.upload({"purpose": "vision", "filename": "a.png"}) == UserInput()
+    assert extract.upload({"purpose": ["batch"]}) == UserInput()
+
+
+EXTRACTORS = [
+    extract.chat,
+    extract.completions,
+    extract.responses,
+    extract.conversation_items,
+    extract.prompt,
+    extract.image_edit,
+    extract.video,
+    extract.speech,
+    extract.thread,
+    extract.thread_run,
+    extract.thread_message,
+    extract.run,
+    extract.upload,
+]
+every_key = st.sampled_from(
+    [
+        *("messages", "prompt", "suffix", "input", "items", "variables", "images", "mask", "input_reference"),
+        *("thread", "additional_messages", "attachments", "purpose", "role", "content", "type", "text"),
+        *("image_url", "file_id", "url", "user", "input_text", "input_image", "input_file", "image_file"),
+    ]
+)
+hostile_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | every_key,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(every_key | st.text(max_size=4), children),
+    max_leaves=40,
+)
+
+
+@given(st.sampled_from(EXTRACTORS), hostile_values)
+def test_no_extractor_raises_on_any_json_value(extractor: extract.Extractor, value: Any) -> None:
+    for body in (value, {"messages": value, "prompt": value, "input": value, "items": value, "role": "user"}):
+        found = extractor(body)
+        assert all(isinstance(text, str) and text.strip() for text in found.texts)
+        assert all(isinstance(url, str) and url for url in found.images)
+        assert all(isinstance(name, str) and name for name in found.unjudgeable)
+
+
+unreadable_parts = st.sampled_from(
+    [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "input_file", "file_id": "file-1"},
+        {"type": "input_image", "file_id": "file-1"},
+        {"type": "image_file", "image_file": {"file_id": "file-1"}},
+    ]
+)
+
+
+@given(st.lists(user_texts, min_size=1, max_size=6), unreadable_parts, st.data())
+def test_an_unreadable_part_is_named_where_it_stands(
+    texts: list[str], part: dict[str, Any], data: st.DataObject
+) -> None:
+    content: list[Any] = [{"type": "text", "text": text} for text in texts]
+    at = data.draw(st.integers(0, len(content)))
+    content.insert(at, part)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": content}]
+    found = extract.chat({"messages": messages})
+    assert found.unjudgeable == (f"messages[1].content[{at}]",)
+    assert found.texts == tuple(dict.fromkeys(texts))
+    items = extract.responses({"input": [{"role": "user", "content": content}]})
+    assert items.unjudgeable == (f"input[0].content[{at}]",)
+
+
+def test_the_middleware_entry_keeps_its_three_routes() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "p", "input": "i"}
+    assert extract_user_input("chat", body).texts == ("hi",)
+    assert extract_user_input("completions", body).texts == ("p",)
+    assert extract_user_input("responses", body).texts == ("i",)
+    assert extract_user_input("embeddings", body) == UserInput()
