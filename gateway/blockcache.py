@@ -1,4 +1,4 @@
-"""The per-worker cache of blocked users, kept coherent by LISTEN/NOTIFY (ARCHITECTURE.md decision 5).
+"""The per-worker cache of blocked users, kept coherent by LISTEN/NOTIFY (docs/DESIGN.md).
 
 The block check runs on every /v1 call; asking PostgreSQL each time costs a pool round trip.
 This cache holds only the users blocked right now (a small set) and answers from memory, but

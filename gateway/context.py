@@ -95,7 +95,7 @@ class RequestContextMiddleware:
     """Gives every response an X-Request-ID, and every request one access log line and its metrics.
 
     Inner apps must not send an X-Request-ID of their own: the proxy renames the upstream's to
-    X-Upstream-Request-ID, since the contract reserves X-Request-ID for the gateway's (the
+    X-Upstream-Request-ID, since the README reserves X-Request-ID for the gateway's (the
     client's, when it sent one).
 
     `on_error`, when given, turns an exception from the inner app into the error to answer

@@ -13,7 +13,7 @@ from typing import Any
 
 from middleware.asgi import Receive
 
-# Noticed within one to two times this, well inside the contract's second.
+# Noticed within one to two times this, well inside the second the README promises.
 DISCONNECT_WATCH_AFTER = 0.1
 
 

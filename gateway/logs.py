@@ -111,6 +111,10 @@ class _AccessLog:
 access_log = _AccessLog()
 
 
+def _json_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def configure_logging(settings: Settings) -> None:
     """Send structlog and the standard library's loggers (uvicorn, asyncio) to stderr, one line each."""
     level = _LEVELS[settings.log_level]
@@ -136,7 +140,8 @@ def configure_logging(settings: Settings) -> None:
             logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
             cache_logger_on_first_use=False,  # see above
         )
-        stdlib_renderer: structlog.types.Processor = structlog.processors.JSONRenderer()
+        # The standard library's lines (uvicorn, asyncio) in the same compact JSON as the rest.
+        stdlib_renderer: structlog.types.Processor = structlog.processors.JSONRenderer(serializer=_json_text)
         access_log.use(sys.stderr.buffer)
     else:
         structlog.configure(

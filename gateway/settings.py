@@ -1,6 +1,6 @@
 """Every setting of chat-gateway, read once from the environment (and `.env`) into one object.
 
-The names and defaults are those of CONTRACT.md section 2; the few extra knobs are marked
+The names and defaults are those of the README's settings tables; the tuning knobs are marked
 "extra" and documented in the README. Nothing else in the code reads `os.environ`.
 """
 
@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    # extra: not in the contract's table, documented in the README.
+    # extra: tuning knobs, in the README's second settings table.
     moderation_timeout: float = Field(10.0, gt=0)
     circuit_failures: int = Field(5, ge=1)
     circuit_cooldown: float = Field(30.0, gt=0)

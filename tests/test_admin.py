@@ -1,4 +1,4 @@
-"""The admin API (CONTRACT section 6) through its ASGI app, on a real PostgreSQL store."""
+"""The admin API through its ASGI app, on a real PostgreSQL store."""
 
 from __future__ import annotations
 

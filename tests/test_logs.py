@@ -87,3 +87,21 @@ def test_the_clock_writes_iso_utc_with_microseconds() -> None:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
         assert abs((datetime.fromisoformat(stamp) - datetime.now(UTC)).total_seconds()) < 5
     assert stamps == sorted(stamps)
+
+
+def test_every_line_has_one_json_style(capfd: pytest.CaptureFixture[str]) -> None:
+    # uvicorn's lines (through the standard library) were rendered with spaces, the gateway's compact.
+    import logging
+
+    import structlog
+
+    from gateway.logs import configure_logging
+    from gateway.settings import settings_from
+
+    configure_logging(settings_from(log_format="json"))
+    logging.getLogger("uvicorn.error").warning("Application startup complete.")
+    structlog.get_logger("gateway").warning("block_check_failed", user_id="u")
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert len(lines) == 2
+    for line in lines:
+        assert line == orjson.dumps(orjson.loads(line)).decode()  # compact: no spaces between tokens

@@ -616,7 +616,7 @@ async def test_a_violation_is_never_forwarded_when_the_store_fails(
     assert len(inner.scopes) == 1  # only the shadow call
 
 
-# --- issue 15: ambiguity refused, bounds, a detector that refuses the input, a block made meanwhile ---
+# --- ambiguity refused, bounds, a detector that refuses the input, a block made meanwhile ---
 
 
 @pytest.mark.parametrize(
