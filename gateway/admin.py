@@ -197,10 +197,10 @@ class AdminAPI:
         response=UserStatus,
     )
     async def _block(self, params: UserParams, body: BlockRequest) -> UserStatus:
-        seconds = body.seconds
-        if seconds is None and not body.permanent:
-            seconds = self._settings.block_seconds
-        status = await self._store.block(params.user_id, seconds=seconds, permanent=body.permanent, reason=body.reason)
+        # No span given: the store blocks for the policy's first step (GATEWAY_BLOCK_SECONDS without a file).
+        status = await self._store.block(
+            params.user_id, seconds=body.seconds, permanent=body.permanent, reason=body.reason
+        )
         return UserStatus.model_validate(status.to_json())
 
     @operations(
