@@ -23,6 +23,7 @@ from yarl import URL
 from gateway import metrics
 from gateway.circuit import Circuit, tcp_probe
 from gateway.disconnects import Call, WatchList
+from gateway.headers import REQUEST_DROP, response_headers
 from gateway.settings import Settings
 from gateway.transport import Transport, open_transport
 from middleware.asgi import Message, Receive, Scope, Send
@@ -30,24 +31,6 @@ from middleware.budgets import CallBudget, Wait
 from middleware.errors import GatewayError, sse_error_event
 from middleware.paths import path_problem
 
-# RFC 9110 7.6.1; the headers a Connection header names are dropped too.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-_REQUEST_ID = b"x-request-id"
-_UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
-# aiohttp writes Host and the framing of the body it sends; uvicorn already answered any Expect.
-_REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _RETRY_BACKOFF = (0.05, 0.2)
 # A response announcing at most this many bytes is read whole and sent in one message.
 _BUFFER_LIMIT = 64 * 1024
@@ -84,7 +67,7 @@ class Upstream:
         self._connect_timeout = settings.connect_timeout
         self._max_connections = settings.upstream_max_connections
         self._lean = settings.upstream_hop == "lean" if lean is None else lean
-        drop = set(_REQUEST_DROP)
+        drop = set(REQUEST_DROP)
         drop.add(settings.user_header_key)
         self._authorization: str | None = None
         if settings.openai_api_key is not None:
@@ -324,7 +307,7 @@ class Upstream:
         start: Message = {
             "type": "http.response.start",
             "status": response.status,
-            "headers": _response_headers(response.raw_headers),
+            "headers": response_headers(response.raw_headers),
         }
         length = response.content_length
         if length is not None and length <= _BUFFER_LIMIT:
@@ -382,22 +365,3 @@ def invalid_path(problem: str) -> GatewayError:
         f"The request path {problem}; the gateway forwards only plain paths below its /v1.",
         param="path",
     )
-
-
-def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
-    connection: bytes | None = None
-    for name, value in raw:
-        lower = name.lower()
-        if lower in _HOP_BY_HOP:
-            if lower == b"connection":
-                connection = value if connection is None else connection + b"," + value
-            continue
-        if lower == _REQUEST_ID:
-            # X-Request-ID is the gateway's; the upstream's own is kept under another name.
-            lower = _UPSTREAM_REQUEST_ID
-        headers.append((lower, value))
-    if connection is not None:
-        named = {token.strip().lower() for token in connection.split(b",")}
-        headers = [(name, value) for name, value in headers if name not in named]
-    return headers
