@@ -29,7 +29,7 @@ from gateway.transport import Transport, open_transport
 from middleware.asgi import Message, Receive, Scope, Send
 from middleware.budgets import CallBudget, Wait
 from middleware.errors import GatewayError, sse_error_event
-from middleware.paths import path_problem
+from middleware.paths import invalid_path, path_problem
 
 _RETRY_BACKOFF = (0.05, 0.2)
 # A response announcing at most this many bytes is read whole and sent in one message.
@@ -356,12 +356,3 @@ class Upstream:
             seconds = self._connect_timeout if phase == "connect" else self._read_timeout
             return GatewayError(504, "upstream_timeout", _TIMEOUT_MESSAGES[phase].format(seconds=seconds))
         return GatewayError(502, "upstream_unavailable", _DROPPED_MESSAGES[phase])
-
-
-def invalid_path(problem: str) -> GatewayError:
-    return GatewayError(
-        400,
-        "invalid_path",
-        f"The request path {problem}; the gateway forwards only plain paths below its /v1.",
-        param="path",
-    )

@@ -28,7 +28,7 @@ from middleware.cascade import Cascade
 from middleware.errors import GatewayError, Refused
 from middleware.extract import extract_user_input
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
-from middleware.paths import path_problem
+from middleware.paths import invalid_path, path_problem
 from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Verdict, Violation
 from middleware.refusals import blocked_error, unrecorded_violation, violation_answer
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
@@ -303,15 +303,6 @@ class ModerationMiddleware:
         except StoreUnavailable as exc:
             # shadow mode must never cost a call: the metric and the log line above still count it
             log.warning("shadow_violation_not_recorded", user_id=user_id, error=str(exc))
-
-
-def invalid_path(problem: str) -> GatewayError:
-    return GatewayError(
-        400,
-        "invalid_path",
-        f"The request path {problem}; the gateway forwards only plain paths below its /v1.",
-        param="path",
-    )
 
 
 def _read_input(route: str, encoding: bytes | None, body: bytes) -> tuple[dict[str, Any], UserInput]:

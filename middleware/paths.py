@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from middleware.errors import GatewayError
+
 # RFC 3986 pchar and "/", less ";" (matrix parameters: `/chat/completions;x=1` must not be a
 # second spelling of a judged route). A percent sign must start an escape.
 _PLAIN = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,=:@/]|%[0-9A-Fa-f]{2})*")
@@ -28,3 +30,13 @@ def path_problem(path: str) -> str | None:
     if "/./" in f"{path}/" or "/../" in f"{path}/":
         return "holds a dot segment (`.` or `..`)"
     return None
+
+
+def invalid_path(problem: str) -> GatewayError:
+    """The answer to a path that `path_problem` refuses."""
+    return GatewayError(
+        400,
+        "invalid_path",
+        f"The request path {problem}; the gateway forwards only plain paths below its /v1.",
+        param="path",
+    )
