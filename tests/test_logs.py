@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.logs import _AccessLog, _UtcClock, utc_clock
+from gateway.logs import _AccessLog, _UtcClock, access_log, utc_clock
 
 FIELDS = {"request_id": "req-1", "user_id": "alice", "status": 200}
 
@@ -98,9 +98,19 @@ def test_every_line_has_one_json_style(capfd: pytest.CaptureFixture[str]) -> Non
     from gateway.logs import configure_logging
     from gateway.settings import settings_from
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     configure_logging(settings_from(log_format="json"))
-    logging.getLogger("uvicorn.error").warning("Application startup complete.")
-    structlog.get_logger("gateway").warning("block_check_failed", user_id="u")
+    try:
+        logging.getLogger("uvicorn.error").warning("Application startup complete.")
+        structlog.get_logger("gateway").warning("block_check_failed", user_id="u")
+    finally:
+        # The configuration points at this test's captured stream, closed after it: put back
+        # what the next test expects (the default until the next create_app configures again).
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.reset_defaults()
+        access_log.use(None)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     assert len(lines) == 2
     for line in lines:
