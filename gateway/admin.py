@@ -249,10 +249,15 @@ def _encoded_route_path(scope: Scope) -> str:
     # suffix an encoded slash sits in the mount prefix: no route matches that.
     raw = bytes(raw_path).split(b"?", 1)[0].decode("latin-1")
     segments = raw.split("/")
-    for start in range(1, len(segments)):
-        candidate = "/" + "/".join(segments[start:])
-        if unquote(candidate) == decoded:
-            return candidate
+    # Only one suffix decodes to the route path's length (a "/" never ends a UTF-8 sequence, so
+    # lengths add up by segment): found from the end, it is compared once. Comparing every suffix
+    # was quadratic in the segments, before the token is checked.
+    length = 0
+    for start in range(len(segments) - 1, 0, -1):
+        length += 1 + len(unquote(segments[start]))
+        if length >= len(decoded):
+            candidate = "/" + "/".join(segments[start:])
+            return candidate if length == len(decoded) and unquote(candidate) == decoded else ""
     return ""
 
 

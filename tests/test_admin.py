@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx2
 import pytest
@@ -705,3 +705,27 @@ def test_no_answer_redirects_to_the_host_the_client_named(settings_factory: Sett
             answer = httpx2.get(f"{url}{path}", headers={"Host": "evil.example", **token})
             location = answer.headers.get("location", "")
             assert "evil.example" not in location, f"{path}: {answer.status_code} to {location}"
+
+
+async def test_finding_the_route_path_costs_in_proportion_to_the_path(
+    admin_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Routing runs before the token check: a path of many segments whose mount prefix holds an
+    # encoded slash made it decode every suffix (a 60 KB path held the event loop for seconds).
+    decoded: list[int] = []
+
+    def counting_unquote(text: str) -> str:
+        decoded.append(len(text))
+        return unquote(text)
+
+    monkeypatch.setattr("gateway.admin.unquote", counting_unquote)
+    app = mounted(admin_app(closed_store(admin_settings), admin_settings))
+    raw = b"/admin%2F" + b"x/" * 5000
+    answer = await asgi_get(app, unquote(raw.decode()), raw)
+    check_error(answer, 404, "not_found")
+    assert sum(decoded) <= 3 * len(raw)
+    # Paths that route still route, an encoded prefix and encoded slashes in ids included.
+    check_error(await asgi_get(app, "/admin/users/a/b", b"/%61dmin/users/a%2Fb"), 503, "store_unavailable")
+    check_error(await asgi_get(app, "/admin/users/a/b", b"/admin/users/a%2Fb?x=1"), 503, "store_unavailable")
+    answer = await asgi_get(app, "/admin/users/\u00fc/events", b"/admin/users/%C3%BC/events")
+    check_error(answer, 503, "store_unavailable")
