@@ -99,6 +99,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self, *args: Any, body_timeout: float | None = None, body_min_rate: float | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The gateway serves no WebSocket: an upgrade is plain HTTP here, inside these limits
+        # (uvicorn's WebSocket protocol would take the connection beyond them, never to close it).
+        self.ws_protocol_class = None
         if body_timeout is not None:  # given (protocol_for): the settings', else the class's
             self.body_timeout = body_timeout
         if body_min_rate is not None:

@@ -170,6 +170,21 @@ def test_a_body_that_stops_arriving_is_cut(url: str) -> None:
     assert slow_clients("body_silence") == before + 1
 
 
+@pytest.mark.parametrize(("method", "body"), [(b"GET", b""), (b"POST", b"hello")])
+def test_an_upgrade_to_websocket_is_served_as_plain_http(url: str, method: bytes, body: bytes) -> None:
+    # The gateway serves no WebSocket. Handed to uvicorn's WebSocket protocol, a connection left
+    # every limit of this one behind: a POST asking to upgrade was never answered nor closed.
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as sock:
+        sock.sendall(
+            method + b" /seen HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        status, answer = _reply(sock)
+    assert status == b"HTTP/1.1 200 OK"
+    assert answer == {"seen": 1}
+
+
 def test_large_bodies_and_keep_alive_still_work(url: str) -> None:
     with httpx2.Client() as client:
         big = client.post(f"{url}/echo", content=b"x" * 1_000_000)
