@@ -164,7 +164,10 @@ def test_ten_thousand_messages(url: str, upstream: MockUpstream) -> None:
 
 @pytest.mark.parametrize(
     "user_id",
-    ["Zoë", "用户-42", "🙂‍↔️", "שלום", "e\u0301", "a/b", "../../admin/stats", "..%2f", "a b", "x" * 256],
+    [
+        *("Zoë", "用户-42", "🙂‍↔️", "שלום", "e\u0301", "a/b", "../../admin/stats", "..%2f", "a b", "x" * 256),
+        *("alice'; DROP TABLE users; --", "x' OR '1'='1", 'x" OR 1=1 --', "$1", "%s", "\\x00"),  # SQL stays text
+    ],
 )
 def test_unicode_and_odd_user_ids_are_accepted_and_round_trip(url: str, user_id: str) -> None:
     answer = httpx2.post(
