@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import signal
 import socket
 import subprocess
@@ -242,3 +243,21 @@ def test_oversized_request_headers_are_refused(database_url: str) -> None:
             refused = True
         assert httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     assert refused or not reply.startswith(b"HTTP/1.1 2"), f"{sent} header bytes accepted: {reply[:30]!r}"
+
+
+# --- docs/SECURITY.md -----------------------------------------------------------------------------
+
+
+def test_the_security_page_names_only_tests_that_exist() -> None:
+    # The page answers "which test holds this attack?": a renamed or removed test must not leave
+    # it pointing at nothing.
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "SECURITY.md").read_text()
+    named = set(re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", page))
+    assert len(named) > 50
+    missing = [
+        f"{file}::{test}"
+        for file, test in sorted(named)
+        if not re.search(rf"^(async )?def {test}\(", (root / file).read_text(), re.MULTILINE)
+    ]
+    assert missing == []
