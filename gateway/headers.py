@@ -21,7 +21,16 @@ _HOP_BY_HOP = frozenset(
 _REQUEST_ID = b"x-request-id"
 _UPSTREAM_REQUEST_ID = b"x-upstream-request-id"
 # aiohttp writes Host and the framing of the body it sends; uvicorn already answered any Expect.
-REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# A method override would make an upstream that honours it serve, say, a GET the gateway did not
+# judge as the POST it would have judged.
+REQUEST_DROP = _HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+}
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

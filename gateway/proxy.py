@@ -35,6 +35,9 @@ _RETRY_BACKOFF = (0.05, 0.2)
 # A response announcing at most this many bytes is read whole and sent in one message.
 _BUFFER_LIMIT = 64 * 1024
 _URL_CACHE_SIZE = 1024
+# A body here has no meaning (RFC 9110 9.3.1): an upstream that read it as a request of its own
+# would get one the gateway never judged.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 # What the client is told of an upstream failure, by the phase of the call it happened in.
 _TIMEOUT_MESSAGES = {
     "connect": "The upstream API did not accept a connection within {seconds:g} s.",
@@ -46,6 +49,10 @@ _DROPPED_MESSAGES = {
     "answer": "The upstream API dropped the connection before answering; try again later.",
     "body": "The upstream API dropped the connection mid-answer.",
 }
+
+
+def _body_not_allowed(method: str) -> GatewayError:
+    return GatewayError(400, "invalid_request", f"A {method} request carries no body; send it without one.")
 
 
 class _BodyAborted(Exception):
@@ -144,7 +151,10 @@ class Upstream:
                 first: bytes = message.get("body", b"")
                 if len(first) > self._max_body:
                     raise self._too_large()
-                if message.get("more_body", False):
+                more = message.get("more_body", False)
+                if (first or more) and scope["method"] in _NO_BODY_METHODS:
+                    raise _body_not_allowed(scope["method"])
+                if more:
                     call = Call(asyncio.Event(), receive, task)
                     if content_length is not None:
                         headers["Content-Length"] = content_length

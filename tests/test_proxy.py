@@ -797,3 +797,27 @@ def test_run_app_raises_when_the_app_fails_to_start() -> None:
         pass
     assert isinstance(caught.value.__cause__, OSError)
     assert time.monotonic() - started < 5
+
+
+def test_a_method_override_never_reaches_the_upstream(mock: MockUpstream) -> None:
+    # An upstream that honoured it would serve a GET the gateway did not judge as a POST.
+    with gateway(mock.url) as (url, _):
+        headers = {"X-HTTP-Method-Override": "POST", "X-HTTP-Method": "POST", "X-Method-Override": "POST"}
+        response = httpx2.get(f"{url}/v1/models", headers={**headers, "X-Mock": "echo"})
+    assert response.status_code == 200
+    forwarded = mock.requests[-1].headers
+    assert not {name for name in headers if name in forwarded}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_get_or_head_with_a_body_is_refused(mock: MockUpstream, method: str) -> None:
+    # RFC 9110 9.3.1: a GET's body has no meaning; an upstream reading it as a request of its own
+    # would get one the gateway never judged.
+    with gateway(mock.url) as (url, _):
+        answer = httpx2.request(method, f"{url}/v1/chat/completions", content=b'{"model": "m", "messages": []}')
+        plain = httpx2.request(method, f"{url}/v1/models", headers={"X-Mock": "echo"})
+    assert answer.status_code == 400
+    if method == "GET":
+        assert answer.json()["error"]["code"] == "invalid_request"
+    assert plain.status_code == 200
+    assert [request.method for request in mock.requests] == [method]
