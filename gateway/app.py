@@ -45,7 +45,7 @@ from gateway.sweeper import ExpirySweeper
 from gateway.webhooks import WebhookSender
 from middleware.asgi import ASGIApp, Receive, Scope, Send
 from middleware.budgets import ByteBudget
-from middleware.detectors import OpenAIDetector, RulesDetector
+from middleware.detectors import AzureDetector, GuardDetector, OpenAIDetector, RulesDetector
 from middleware.errors import GatewayError
 from middleware.moderation import ModerationMiddleware
 from middleware.protocols import Detector, StoreUnavailable
@@ -110,6 +110,28 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
                 key.get_secret_value() if key else None,
                 settings.moderation_thresholds,
                 settings.moderation_timeout,
+            )
+        )
+    # the settings refuse to start without the URLs, model and key these need
+    if "guard" in settings.moderation and settings.guard_url and settings.guard_model:
+        key = settings.guard_api_key
+        detectors.append(
+            GuardDetector(
+                JsonPoster(lambda: upstream.session),
+                settings.guard_url,
+                settings.guard_model,
+                key.get_secret_value() if key else None,
+                settings.guard_timeout,
+            )
+        )
+    if "azure" in settings.moderation and settings.azure_content_safety_url and settings.azure_content_safety_key:
+        detectors.append(
+            AzureDetector(
+                JsonPoster(lambda: upstream.session),
+                settings.azure_content_safety_url,
+                settings.azure_content_safety_key.get_secret_value(),
+                settings.azure_severity,
+                settings.azure_timeout,
             )
         )
     return detectors

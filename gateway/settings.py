@@ -18,9 +18,22 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from middleware.detectors import DEFAULT_RULES_FILE
 
-DETECTORS = ("openai", "rules")
+DETECTORS = ("openai", "rules", "guard", "azure")
 # A client key named after its application: `app-a:KEY` (a name of letters, digits, - and _).
 _NAMED_KEY = re.compile(r"([A-Za-z0-9_-]{1,64}):(.+)", re.DOTALL)
+
+
+# What each detector cannot run without, and what to set it to.
+_DETECTOR_SETTINGS = {
+    "guard": ("guard_url", "guard_model"),
+    "azure": ("azure_content_safety_url", "azure_content_safety_key"),
+}
+_DETECTOR_NEEDS = {
+    "guard_url": "the base URL of the OpenAI-compatible chat endpoint serving the guard model, with its /v1",
+    "guard_model": "the guard model's name at that endpoint, e.g. meta-llama/Llama-Guard-3-8B",
+    "azure_content_safety_url": "the Content Safety resource's endpoint, https://<name>.cognitiveservices.azure.com",
+    "azure_content_safety_key": "one of the Content Safety resource's keys",
+}
 
 
 class SettingsError(Exception):
@@ -90,6 +103,16 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # The second round's detectors (docs/DETECTORS.md) and how the detectors are run.
+    guard_url: str | None = None
+    guard_model: str | None = None
+    guard_api_key: SecretStr | None = None
+    guard_timeout: float = Field(10.0, gt=0, allow_inf_nan=False)
+    azure_content_safety_url: str | None = None
+    azure_content_safety_key: SecretStr | None = None
+    azure_severity: int = Field(4, ge=1, le=7)
+    azure_timeout: float = Field(10.0, gt=0, allow_inf_nan=False)  # extra
+
     # extra: tuning knobs, in the README's second settings table.
     moderation_timeout: float = Field(10.0, gt=0)
     circuit_failures: int = Field(5, ge=1)
@@ -149,7 +172,7 @@ class Settings(BaseSettings):
             thresholds[category.strip()] = score
         return thresholds
 
-    @field_validator("upstream_url", "moderation_url", "webhook_url")
+    @field_validator("upstream_url", "moderation_url", "webhook_url", "guard_url", "azure_content_safety_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -165,7 +188,13 @@ class Settings(BaseSettings):
             raise ValueError(f"expected an HTTP header name, got {value!r}")
         return value
 
-    @field_validator("log_level", "log_format", "enforcement", "safety_identifier", mode="before")
+    @field_validator(
+        "log_level",
+        "log_format",
+        "enforcement",
+        "safety_identifier",
+        mode="before",
+    )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
@@ -174,6 +203,13 @@ class Settings(BaseSettings):
     def _coherent(self) -> Settings:
         if self.safety_identifier == "hash" and not self.safety_salt:
             raise ValueError("GATEWAY_SAFETY_SALT is required when GATEWAY_SAFETY_IDENTIFIER=hash")
+        for detector, needed in _DETECTOR_SETTINGS.items():
+            missing = [name for name in needed if detector in self.moderation and getattr(self, name) is None]
+            if missing:
+                raise ValueError(
+                    f"{variable_name(missing[0])} is required when GATEWAY_MODERATION includes {detector} "
+                    f"({_DETECTOR_NEEDS[missing[0]]})"
+                )
         if self.webhook_url and not self.webhook_secret:
             raise ValueError("GATEWAY_WEBHOOK_SECRET is required when GATEWAY_WEBHOOK_URL is set")
         if self.users_per_app and (not self.api_keys or None in self.client_keys.values()):

@@ -73,7 +73,11 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
         ("GATEWAY_PORT", "eighty", "GATEWAY_PORT: Input should be a valid integer"),
         ("GATEWAY_MAX_STRIKES", "0", "GATEWAY_MAX_STRIKES: Input should be greater than or equal to 1"),
         ("GATEWAY_BLOCK_SECONDS", "-1", "GATEWAY_BLOCK_SECONDS: Input should be greater than 0"),
-        ("GATEWAY_MODERATION", "openai,magic", "GATEWAY_MODERATION: expected a comma list of openai, rules, or off"),
+        (
+            "GATEWAY_MODERATION",
+            "openai,magic",
+            "GATEWAY_MODERATION: expected a comma list of openai, rules, guard, azure, or off",
+        ),
         ("GATEWAY_MODERATION_FAILURE", "maybe", "GATEWAY_MODERATION_FAILURE: Input should be 'closed' or 'open'"),
         ("GATEWAY_MODERATION_THRESHOLDS", "violence", "GATEWAY_MODERATION_THRESHOLDS: expected category=score"),
         ("GATEWAY_MODERATION_THRESHOLDS", "violence=1.5", "GATEWAY_MODERATION_THRESHOLDS: expected category=score"),
