@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # The second round's detectors (docs/DETECTORS.md) and how the detectors are run.
+    moderation_mode: Literal["sequential", "parallel"] = "sequential"
     guard_url: str | None = None
     guard_model: str | None = None
     guard_api_key: SecretStr | None = None
@@ -193,6 +194,7 @@ class Settings(BaseSettings):
         "log_format",
         "enforcement",
         "safety_identifier",
+        "moderation_mode",
         mode="before",
     )
     @classmethod

@@ -23,6 +23,12 @@ MODERATION_DURATION = HotHistogram(
     ["detector"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+MODERATION_TOTAL = HotHistogram(
+    "gateway_moderation_request_duration_seconds",
+    "Time all the detectors took together to judge one request's user input (with several detectors: "
+    "in turn their sum, in parallel mode the slowest remote one's).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 DETECTOR_FAILURES = Counter(
     "gateway_detector_failures_total",
     "Detector calls that could not judge (error, timeout, bad answer).",

@@ -24,7 +24,7 @@ import structlog
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 from middleware.bodies import Disconnected, add_member, json_object, read_body, replaying
 from middleware.budgets import ByteBudget
-from middleware.cascade import Cascade
+from middleware.cascade import make_cascade
 from middleware.errors import GatewayError, Refused
 from middleware.extract import extract_user_input
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
@@ -63,10 +63,11 @@ class ModerationMiddleware:
         path_prefix: str = "",
         body_budget: ByteBudget | None = None,
         users_per_app: bool = False,
+        moderation_mode: Literal["sequential", "parallel"] = "sequential",
     ) -> None:
         self.app = app
         self.store = store
-        self.cascade = Cascade(detectors, moderation_failure)
+        self.cascade = make_cascade(detectors, moderation_failure, moderation_mode)
         self.user_header = user_header
         self.user_header_key = user_header.lower().encode("latin-1")
         self.max_body_bytes = max_body_bytes
