@@ -268,6 +268,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         body_budget=ByteBudget(settings.max_buffered_bytes),
         users_per_app=settings.users_per_app,
         moderation_mode=settings.moderation_mode,
+        pii=settings.pii,
     )
     if settings.api_keys:  # without keys the layer would only pass calls through: leave it out
         v1 = ClientKeyMiddleware(v1, keys=settings.client_keys)

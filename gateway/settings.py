@@ -105,6 +105,7 @@ class Settings(BaseSettings):
 
     # The second round's detectors (docs/DETECTORS.md) and how the detectors are run.
     moderation_mode: Literal["sequential", "parallel"] = "sequential"
+    pii: Literal["off", "mask", "block"] = "off"
     guard_url: str | None = None
     guard_model: str | None = None
     guard_api_key: SecretStr | None = None
@@ -151,6 +152,8 @@ class Settings(BaseSettings):
         items = [item.lower() for item in _split(value)]
         if items == ["off"]:
             return ()
+        if "pii" in items:
+            raise ValueError("pii is not listed here: set GATEWAY_PII=mask or GATEWAY_PII=block")
         unknown = [item for item in items if item not in DETECTORS]
         if unknown or not items:
             raise ValueError(f"expected a comma list of {', '.join(DETECTORS)}, or off; got {value!r}")
@@ -195,6 +198,7 @@ class Settings(BaseSettings):
         "enforcement",
         "safety_identifier",
         "moderation_mode",
+        "pii",
         mode="before",
     )
     @classmethod

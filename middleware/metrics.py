@@ -44,3 +44,8 @@ VERDICT_CACHE = Counter(
     "Verdict cache lookups per text or image, by detector and result (hit or miss).",
     ["detector", "result"],
 )
+PII_FOUND = Counter(
+    "gateway_pii_detected_total",
+    "User inputs holding personal data or secrets (GATEWAY_PII), by kind and action (mask or block).",
+    ["kind", "action"],
+)

@@ -13,6 +13,7 @@ Paths are relative to the app's mount (`root_path`), as Starlette's Mount gives 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import re
@@ -27,6 +28,7 @@ from middleware.budgets import ByteBudget
 from middleware.cascade import make_cascade
 from middleware.errors import GatewayError, Refused
 from middleware.extract import extract_user_input
+from middleware.masking import PiiScreen
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
 from middleware.paths import invalid_path, path_problem
 from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Verdict, Violation
@@ -64,6 +66,7 @@ class ModerationMiddleware:
         body_budget: ByteBudget | None = None,
         users_per_app: bool = False,
         moderation_mode: Literal["sequential", "parallel"] = "sequential",
+        pii: Literal["off", "mask", "block"] = "off",
     ) -> None:
         self.app = app
         self.store = store
@@ -77,6 +80,7 @@ class ModerationMiddleware:
         self.safety_salt = safety_salt
         self.body_budget = body_budget or ByteBudget(max_body_bytes * 64)
         self.users_per_app = users_per_app
+        self.pii = PiiScreen(pii) if pii != "off" else None
         prefix = path_prefix.rstrip("/")
         self.prefix = prefix + "/"
         self.routes = {(prefix + suffix).lower(): route for suffix, route in _ROUTES.items()}
@@ -135,6 +139,8 @@ class ModerationMiddleware:
                 else:
                     request = json_object(encoding, body)
                     user_input = extract_user_input(route, request)
+                if self.pii is not None:
+                    scope, body, user_input = await self._screen_pii(scope, body, user_input, route, offload)
                 verdict, failed_open = await self.cascade.judge(
                     user_input, headers.get(b"authorization"), offload=offload
                 )
@@ -188,18 +194,27 @@ class ModerationMiddleware:
             await self._strike(user_id, violation)  # always refuses
         await self._record_shadow(user_id, violation)
 
+    async def _screen_pii(
+        self, scope: Scope, body: bytes, user_input: UserInput, route: str, offload: bool
+    ) -> tuple[Scope, bytes, UserInput]:
+        """GATEWAY_PII: refuses personal data (`block`), or masks it in the body and the input (`mask`)."""
+        assert self.pii is not None
+        extract = functools.partial(extract_user_input, route)
+        if offload:
+            masked, user_input = await asyncio.to_thread(self.pii.apply, body, user_input, extract)
+        else:
+            masked, user_input = self.pii.apply(body, user_input, extract)
+        if masked is body:
+            return scope, body, user_input
+        return _framed(scope, masked), masked, user_input
+
     def _with_safety_identifier(
         self, scope: Scope, body: bytes, request: dict[str, Any], user_id: str
     ) -> tuple[Scope, bytes]:
         assert self.safety_salt is not None
         identifier = hmac.new(self.safety_salt, user_id.encode(), hashlib.sha256).hexdigest()[:64]
         body = add_member(body, request, "safety_identifier", identifier)
-        scope = dict(scope)
-        scope["headers"] = [
-            *((key, value) for key, value in scope["headers"] if key not in _BODY_FRAMING),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        return scope, body
+        return _framed(scope, body), body
 
     def _check_path(self, raw: bytes, scope: Scope) -> None:
         # The path the proxy forwards (the client's, as sent) must be the one judged here.
@@ -324,6 +339,16 @@ def _audit_path(scope: Scope, route_path: str) -> str:
     # The route as the client called it, mount included (/v1/chat/completions).
     root: str = scope.get("root_path", "")
     return (root + route_path).lower()
+
+
+def _framed(scope: Scope, body: bytes) -> Scope:
+    """`scope` with the framing headers of `body`, which replaced the one the client sent."""
+    scope = dict(scope)
+    scope["headers"] = [
+        *((key, value) for key, value in scope["headers"] if key not in _BODY_FRAMING),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return scope
 
 
 def _adding_header(send: Send, name: bytes, value: bytes) -> Send:
