@@ -269,6 +269,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         users_per_app=settings.users_per_app,
         moderation_mode=settings.moderation_mode,
         pii=settings.pii,
+        moderation_timing=settings.moderation_timing,
     )
     if settings.api_keys:  # without keys the layer would only pass calls through: leave it out
         v1 = ClientKeyMiddleware(v1, keys=settings.client_keys)

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
 
     # The second round's detectors (docs/DETECTORS.md) and how the detectors are run.
     moderation_mode: Literal["sequential", "parallel"] = "sequential"
+    moderation_timing: Literal["before_call", "during_call"] = "before_call"
     pii: Literal["off", "mask", "block"] = "off"
     guard_url: str | None = None
     guard_model: str | None = None
@@ -198,6 +199,7 @@ class Settings(BaseSettings):
         "enforcement",
         "safety_identifier",
         "moderation_mode",
+        "moderation_timing",
         "pii",
         mode="before",
     )

@@ -33,6 +33,7 @@ from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
 from middleware.paths import invalid_path, path_problem
 from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Verdict, Violation
 from middleware.refusals import blocked_error, unrecorded_violation, violation_answer
+from middleware.timing import EarlyCall
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 log = structlog.get_logger(__name__)
@@ -67,6 +68,7 @@ class ModerationMiddleware:
         users_per_app: bool = False,
         moderation_mode: Literal["sequential", "parallel"] = "sequential",
         pii: Literal["off", "mask", "block"] = "off",
+        moderation_timing: Literal["before_call", "during_call"] = "before_call",
     ) -> None:
         self.app = app
         self.store = store
@@ -81,6 +83,7 @@ class ModerationMiddleware:
         self.body_budget = body_budget or ByteBudget(max_body_bytes * 64)
         self.users_per_app = users_per_app
         self.pii = PiiScreen(pii) if pii != "off" else None
+        self.during_call = moderation_timing == "during_call"
         prefix = path_prefix.rstrip("/")
         self.prefix = prefix + "/"
         self.routes = {(prefix + suffix).lower(): route for suffix, route in _ROUTES.items()}
@@ -141,28 +144,38 @@ class ModerationMiddleware:
                     user_input = extract_user_input(route, request)
                 if self.pii is not None:
                     scope, body, user_input = await self._screen_pii(scope, body, user_input, route, offload)
-                verdict, failed_open = await self.cascade.judge(
-                    user_input, headers.get(b"authorization"), offload=offload
-                )
-                forward = send
-                if verdict is not None:
-                    await self._violation(scope, user_id, verdict, route_path)  # refuses unless shadow
-                    note["decision"] = "shadow_violation"
-                    categories = ",".join(verdict.categories).encode("latin-1", "replace")
-                    forward = _adding_header(send, SHADOW_HEADER, categories)
-                elif failed_open:
-                    decision = "fail_open"
-                # Checked again now that the body is in and judged: a call opened before a
-                # block must not slip through after it.
-                known, block = store.cached_block(user_id)
-                if not known:
-                    await self._check_block(user_id)
-                elif block is not None:
-                    raise self._blocked(block)
-                if verdict is None:
-                    note["decision"] = decision
                 if self.safety_salt is not None and "safety_identifier" not in request:
                     scope, body = self._with_safety_identifier(scope, body, request, user_id)
+                # GATEWAY_MODERATION_TIMING=during_call: the upstream call starts now, its answer held.
+                early = EarlyCall(self.app, scope, replaying(body, receive)) if self.during_call else None
+                try:
+                    verdict, failed_open = await self.cascade.judge(
+                        user_input, headers.get(b"authorization"), offload=offload
+                    )
+                    forward = send
+                    if verdict is not None:
+                        await self._violation(scope, user_id, verdict, route_path)  # refuses unless shadow
+                        note["decision"] = "shadow_violation"
+                        categories = ",".join(verdict.categories).encode("latin-1", "replace")
+                        forward = _adding_header(send, SHADOW_HEADER, categories)
+                    elif failed_open:
+                        decision = "fail_open"
+                    # Checked again now that the body is in and judged: a call opened before a
+                    # block must not slip through after it.
+                    known, block = store.cached_block(user_id)
+                    if not known:
+                        await self._check_block(user_id)
+                    elif block is not None:
+                        raise self._blocked(block)
+                    if verdict is None:
+                        note["decision"] = decision
+                except BaseException:
+                    if early is not None:
+                        await early.cancel()
+                    raise
+                if early is not None:
+                    await early.release(forward)
+                    return
                 await self.app(scope, replaying(body, receive), forward)
             finally:
                 budget.give(held)

@@ -14,7 +14,7 @@ Violence severity 2 at Azure. `delay` makes each answer wait that many seconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +32,7 @@ class MockGuard:
     base_url: str = ""
     calls: list[tuple[dict[str, str], Any]] = field(default_factory=list)
     cancelled: int = 0  # calls whose client went away before the answer
+    on_answer: Callable[[], None] | None = None  # called just before each answer is sent
 
     def answer(self, text: str) -> str:
         if self.style == "nonsense":
@@ -52,6 +53,8 @@ class MockGuard:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        if self.on_answer is not None:
+            self.on_answer()
         if self.status != 200:
             error = {"message": "The model is overloaded.", "type": "server_error", "param": None, "code": None}
             return web.json_response({"error": error}, status=self.status)
