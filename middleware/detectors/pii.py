@@ -28,27 +28,36 @@ _LOCAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _DIGIT = re.compile(r"[0-9]")
 _LOCAL = re.compile(r"[A-Za-z0-9._%+-]{1,64}\Z")
 _DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])")
-_PHONE = re.compile(
-    r"(?<![0-9A-Za-z_+])(?:"
-    r"\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}"  # international: +44 20 7946 0958, +1 (415) 555-0132
-    r"|\(\d{3}\)[ ]?\d{3}[-. ]\d{4}"  # (415) 555-0132
-    r"|\d{3}[-. ]\d{3}[-. ]\d{4}"  # 415-555-0132
-    r"|0\d{1,4}[ /-]\d{2,4}(?:[ -]\d{2,4}){0,3}"  # national with a trunk 0: 020 7946 0958
-    r")(?![\w])",
-    re.ASCII,
+# No pattern starts with a look-behind: a pattern that starts with a character or a set of them
+# is only tried where one occurs (the regex engine's prefix scan), and what the look-behind
+# would check (no digit or letter glued before) is checked on the few matches instead.
+_PHONE_SIGNED = re.compile(
+    r"\+[0-9]{1,3}(?:[ .-]?\(?[0-9]{1,4}\)?){2,5}(?![0-9A-Za-z_])"  # +44 20 7946 0958, +1 (415) 555-0132
+    r"|\([0-9]{3}\) ?[0-9]{3}[-. ][0-9]{4}(?![0-9A-Za-z_])"  # (415) 555-0132
 )
-_CARD = re.compile(r"(?<![\d-])[2-6]\d(?:[ -]?\d){11,17}(?!\d)", re.ASCII)
-_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+_PHONE_DIGITS = re.compile(
+    r"[0-9](?:"
+    r"[0-9]{2}[-. ][0-9]{3}[-. ][0-9]{4}"  # 415-555-0132
+    r"|(?<=0)[0-9]{1,4}[ /-][0-9]{2,4}(?:[ -][0-9]{2,4}){0,3}"  # national with a trunk 0: 020 7946 0958
+    r")(?![0-9A-Za-z_])"
+)
+_CARD = re.compile(r"[2-6][0-9](?:[ -]?[0-9]){11,17}(?![0-9])")
+_IBAN = re.compile(r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])")
+_KEY_END = r"(?![A-Za-z0-9_-])"
 _SECRET = re.compile(
-    r"(?<![A-Za-z0-9_-])(?:"
-    r"sk-[A-Za-z0-9_-]{20,200}"  # OpenAI (sk-, sk-proj-, sk-svcacct-), Anthropic (sk-ant-) and the like
-    r"|(?:AKIA|ASIA)[A-Z0-9]{16}"  # AWS access key ids
-    r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}"  # GitHub tokens
-    r"|xox[abposr]-[A-Za-z0-9-]{10,200}"  # Slack tokens
-    r")(?![A-Za-z0-9_-])"
+    rf"sk-[A-Za-z0-9_-]{{20,200}}{_KEY_END}"  # OpenAI (sk-, sk-proj-, sk-svcacct-), Anthropic (sk-ant-), ...
+    rf"|AKIA[A-Z0-9]{{16}}{_KEY_END}|ASIA[A-Z0-9]{{16}}{_KEY_END}"  # AWS access key ids
+    rf"|gh[pousr]_[A-Za-z0-9]{{36,255}}{_KEY_END}|github_pat_[A-Za-z0-9_]{{22,255}}{_KEY_END}"  # GitHub
+    rf"|xox[abposr]-[A-Za-z0-9-]{{10,200}}{_KEY_END}"  # Slack tokens
     r"|-----BEGIN[A-Z ]{0,40}PRIVATE KEY-----.*?(?:-----END[A-Z ]{0,40}PRIVATE KEY-----|\Z)",
     re.DOTALL,
 )
+# Each secret starts with one of these: a substring search is far cheaper than the pattern's scan.
+_SECRET_MARKERS = ("sk-", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "-----BEGIN")
+_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_KEY_GLUE = _WORD | {"-"}
+_PHONE_GLUE = _WORD | {"+"}
+_CARD_GLUE = frozenset("0123456789-")
 # IBAN lengths by country (ISO 13616 registry); a country not listed takes 15 to 34.
 _IBAN_LENGTHS = {
     "AD": 24, "AE": 23, "AT": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29, "CH": 21, "CY": 28, "CZ": 24,
@@ -118,6 +127,12 @@ def _phone(match: re.Match[str]) -> bool:
     return 8 <= digits <= 15 if match.group().startswith("+") else 9 <= digits <= 12
 
 
+def _free(text: str, match: re.Match[str], glue: frozenset[str]) -> bool:
+    """Whether no character of `glue` comes right before `match` (it would be part of a longer token)."""
+    start = match.start()
+    return start == 0 or text[start - 1] not in glue
+
+
 def find(text: str) -> list[Found]:
     """Every piece of personal data or secret in `text`, in order, none overlapping another."""
     found: list[Found] = []
@@ -129,13 +144,23 @@ def find(text: str) -> list[Found]:
             domain = _DOMAIN.match(text, at.end())
             if local is not None and domain is not None and not local.group().startswith("."):
                 found.append(Found("email", local.start(), domain.end()))
-    found.extend(Found("secret", m.start(), m.end()) for m in _SECRET.finditer(text))
+    if any(marker in text for marker in _SECRET_MARKERS):
+        found.extend(Found("secret", m.start(), m.end()) for m in _SECRET.finditer(text) if _free(text, m, _KEY_GLUE))
     if _DIGIT.search(text):
-        found.extend(Found("card", m.start(), m.end()) for m in _CARD.finditer(text) if _card(m))
         found.extend(
-            Found("iban", m.start(), m.end()) for m in _IBAN.finditer(text) if iban_valid(m.group().replace(" ", ""))
+            Found("card", m.start(), m.end()) for m in _CARD.finditer(text) if _free(text, m, _CARD_GLUE) and _card(m)
         )
-        found.extend(Found("phone", m.start(), m.end()) for m in _PHONE.finditer(text) if _phone(m))
+        found.extend(
+            Found("iban", m.start(), m.end())
+            for m in _IBAN.finditer(text)
+            if _free(text, m, _WORD) and iban_valid(m.group().replace(" ", ""))
+        )
+        for pattern in (_PHONE_SIGNED, _PHONE_DIGITS):
+            found.extend(
+                Found("phone", m.start(), m.end())
+                for m in pattern.finditer(text)
+                if _free(text, m, _PHONE_GLUE) and _phone(m)
+            )
     if len(found) < 2:
         return found
     # Overlapping pieces become one, of the kind found first (e-mails, then secrets, cards,
