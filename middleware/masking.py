@@ -55,7 +55,10 @@ class PiiScreen:
         if self.mode == "block":
             raise Refused("pii", pii_refusal(kinds))
         body = mask_body(body, found, extract)
-        texts = tuple(pii.mask(text, found[text]) if text in found else text for text in user_input.texts)
+        # two texts may mask alike: the input holds each once, as the extractor's does
+        texts = tuple(
+            dict.fromkeys(pii.mask(text, found[text]) if text in found else text for text in user_input.texts)
+        )
         return body, dataclasses.replace(user_input, texts=texts)
 
 
