@@ -14,12 +14,13 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -27,6 +28,7 @@ from gateway.database import Database, migrate
 from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
 from loadtests.harness import gateway_variable
+from middleware.protocols import DetectorFailed, JsonPost
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
@@ -207,3 +209,20 @@ def upstream(upstream_server: MockUpstream) -> MockUpstream:
     A module whose tests each need a server of their own defines its own `upstream`."""
     upstream_server.reset()
     return upstream_server
+
+
+@pytest.fixture
+async def post() -> AsyncIterator[JsonPost]:
+    """The detectors' JSON POST (middleware.protocols.JsonPost) on a session of its own."""
+    async with aiohttp.ClientSession() as session:
+
+        async def post(url: str, body: bytes, headers: Mapping[str, str], seconds: float) -> tuple[int, bytes]:
+            try:
+                async with session.post(
+                    url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=seconds)
+                ) as response:
+                    return response.status, await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise DetectorFailed(f"{url}: {exc!r}") from exc
+
+        yield post

@@ -1,10 +1,9 @@
 """The `guard` detector against a loopback guard model answering as Llama Guard or Qwen3Guard."""
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import httpx2
 import pytest
 
@@ -22,22 +21,6 @@ SettingsFactory = Callable[..., Settings]
 
 def sha(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
-
-
-@pytest.fixture
-async def post() -> AsyncIterator[JsonPost]:
-    async with aiohttp.ClientSession() as session:
-
-        async def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> tuple[int, bytes]:
-            try:
-                async with session.post(
-                    url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout)
-                ) as response:
-                    return response.status, await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise DetectorFailed(f"{url}: {exc!r}") from exc
-
-        yield post
 
 
 @pytest.fixture

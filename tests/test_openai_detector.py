@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import httpx2
 import openai
 import orjson
@@ -93,22 +92,6 @@ async def moderation() -> AsyncIterator[MockModeration]:
     yield mock
     mock.release.set()
     await runner.cleanup()
-
-
-@pytest.fixture
-async def post() -> AsyncIterator[JsonPost]:
-    async with aiohttp.ClientSession() as session:
-
-        async def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> tuple[int, bytes]:
-            try:
-                async with session.post(
-                    url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout)
-                ) as response:
-                    return response.status, await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise DetectorFailed(f"{url}: {exc!r}") from exc
-
-        yield post
 
 
 def detector(

@@ -117,8 +117,22 @@ async def test_a_failed_detector_in_closed_mode_cancels_the_call(
     assert cancelled
 
 
+class Recorder:
+    """A `send` that keeps what it is sent, and a `receive` with nothing more to give."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    @staticmethod
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+
 async def test_an_early_call_holds_every_message_until_released() -> None:
-    sent: list[Message] = []
+    recorder = Recorder()
     inner_done = asyncio.Event()
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,22 +140,16 @@ async def test_an_early_call_holds_every_message_until_released() -> None:
         await send({"type": "http.response.body", "body": b"hi"})
         inner_done.set()
 
-    async def collect(message: Message) -> None:
-        sent.append(message)
-
-    async def nothing() -> Message:
-        return {"type": "http.disconnect"}
-
-    early = EarlyCall(inner, {"type": "http"}, nothing)
+    early = EarlyCall(inner, {"type": "http"}, recorder.receive)
     await asyncio.sleep(0.05)
-    assert sent == []
+    assert recorder.sent == []
     assert not inner_done.is_set()
-    await early.release(collect)
-    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    await early.release(recorder.send)
+    assert [message["type"] for message in recorder.sent] == ["http.response.start", "http.response.body"]
 
 
 async def test_a_cancelled_early_call_sends_nothing() -> None:
-    sent: list[Message] = []
+    recorder = Recorder()
     cancelled = asyncio.Event()
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,14 +159,8 @@ async def test_a_cancelled_early_call_sends_nothing() -> None:
             cancelled.set()
             raise
 
-    async def collect(message: Message) -> None:
-        sent.append(message)
-
-    async def nothing() -> Message:
-        return {"type": "http.disconnect"}
-
-    early = EarlyCall(inner, {"type": "http"}, nothing)
+    early = EarlyCall(inner, {"type": "http"}, recorder.receive)
     await asyncio.sleep(0.01)
     await early.cancel()
     assert cancelled.is_set()
-    assert sent == []
+    assert recorder.sent == []

@@ -15,12 +15,11 @@ they are the `openai` detector's.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-from middleware.detectors.cache import VerdictCache, sha256_hex
-from middleware.detectors.remote import post_json
+from middleware.detectors.cache import VerdictCache
+from middleware.detectors.remote import first_flag, post_json
 from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 API_VERSION = "2024-09-01"
@@ -69,34 +68,22 @@ class AzureDetector:
         self.cache = VerdictCache(self.name, cache_size)
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
-        calls: list[tuple[str, str]] = []  # (window, SHA-256 of its whole text)
-        pending: list[str] = []
-        for text in user_input.texts:
-            sha256 = sha256_hex(text)
-            found, verdict = self.cache.get(sha256)
-            if verdict is not None:
-                return verdict
-            if not found:
-                pending.append(sha256)
-                calls.extend((window, sha256) for window in windows(text))
-        if not calls:
-            return None
+        verdict, pending = self.cache.texts(user_input.texts)
+        if verdict is not None or not pending:
+            return verdict
+        # (window, SHA-256 of its whole text)
+        calls = [(window, sha256) for text, sha256 in pending for window in windows(text)]
         if len(calls) > MAX_CALLS:
             raise InputRefused(
                 f"the gateway judges at most {MAX_CALLS * MAX_CHARS:,} new characters of text per request with "
                 "Azure AI Content Safety; send less at a time",
                 "input",
             )
-        outcomes = await asyncio.gather(*(self._analyze(window, sha) for window, sha in calls), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, Verdict):
-                self.cache.put(outcome.text_sha256, outcome)
-                return outcome
-        for wanted in (InputRefused, DetectorFailed, BaseException):
-            for outcome in outcomes:
-                if isinstance(outcome, wanted):
-                    raise outcome
-        for sha256 in pending:
+        verdict = await first_flag(self._analyze(window, sha) for window, sha in calls)
+        if verdict is not None:
+            self.cache.put(verdict.text_sha256, verdict)
+            return verdict
+        for _, sha256 in pending:
             self.cache.put(sha256, None)
         return None
 

@@ -34,6 +34,19 @@ class VerdictCache:
         self._entries.move_to_end(key)
         return True, self._entries[key]
 
+    def texts(self, texts: tuple[str, ...]) -> tuple[Verdict | None, list[tuple[str, str]]]:
+        """A cached flag for one of `texts` (keyed by their SHA-256), or None and the texts not
+        cached yet, each with its SHA-256."""
+        pending: list[tuple[str, str]] = []
+        for text in texts:
+            sha256 = sha256_hex(text)
+            found, verdict = self.get(sha256)
+            if verdict is not None:
+                return verdict, []
+            if not found:
+                pending.append((text, sha256))
+        return None, pending
+
     def put(self, key: str, verdict: Verdict | None) -> None:
         self._entries[key] = verdict
         self._entries.move_to_end(key)

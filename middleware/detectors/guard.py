@@ -15,14 +15,13 @@ Any other answer is a detector failure. Images are not sent: they are the `opena
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from middleware.detectors.cache import VerdictCache, sha256_hex
-from middleware.detectors.remote import post_json
-from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
+from middleware.detectors.remote import first_flag, post_json
+from middleware.protocols import DetectorFailed, JsonPost, UserInput, Verdict
 
 # The MLCommons hazard taxonomy as Llama Guard 3 and 4 number it.
 HAZARDS = {
@@ -122,28 +121,13 @@ class GuardDetector:
         self.cache = VerdictCache(self.name, cache_size)
 
     async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
-        pending: list[tuple[str, str]] = []
-        for text in user_input.texts:
-            sha256 = sha256_hex(text)
-            found, verdict = self.cache.get(sha256)
-            if verdict is not None:
-                return verdict
-            if not found:
-                pending.append((text, sha256))
-        if not pending:
-            return None
+        verdict, pending = self.cache.texts(user_input.texts)
+        if verdict is not None or not pending:
+            return verdict
         calls: list[Sequence[tuple[str, str]]] = [[item] for item in pending[: _MAX_CALLS - 1]]
         if len(pending) >= _MAX_CALLS:
             calls.append(pending[_MAX_CALLS - 1 :])
-        outcomes = await asyncio.gather(*(self._judge(call) for call in calls), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, Verdict):
-                return outcome
-        for wanted in (InputRefused, DetectorFailed, BaseException):
-            for outcome in outcomes:
-                if isinstance(outcome, wanted):
-                    raise outcome
-        return None
+        return await first_flag(self._judge(call) for call in calls)
 
     async def _judge(self, items: Sequence[tuple[str, str]]) -> Verdict | None:
         text = "\n\n".join(text for text, _ in items)

@@ -12,6 +12,7 @@ import orjson
 
 from middleware.detectors.cache import VerdictCache, sha256_hex
 from middleware.detectors.endpoint_errors import ErrorAnswer
+from middleware.detectors.remote import first_flag
 from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 MODERATION_MODEL = "omni-moderation-latest"
@@ -105,15 +106,7 @@ class OpenAIDetector:
             )
         texts = [item for item in pending if item.kind == "text"]
         calls = [[*texts, images[0]], *([image] for image in images[1:])]
-        outcomes = await asyncio.gather(*(self._judge(call, authorization) for call in calls), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, Verdict):
-                return outcome
-        for wanted in (InputRefused, DetectorFailed, BaseException):
-            for outcome in outcomes:
-                if isinstance(outcome, wanted):
-                    raise outcome
-        return None
+        return await first_flag(self._judge(call, authorization) for call in calls)
 
     async def _judge(self, pending: Sequence[_Item], authorization: str | None) -> Verdict | None:
         """One call's verdict on `pending` (at most one image), caching what the answer allows."""

@@ -10,13 +10,13 @@ switch a detector off by sending what it refuses.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 import orjson
 
 from middleware.detectors.endpoint_errors import ErrorAnswer
-from middleware.protocols import DetectorFailed, InputRefused, JsonPost
+from middleware.protocols import DetectorFailed, InputRefused, JsonPost, Verdict
 
 
 async def post_json(
@@ -41,3 +41,16 @@ async def post_json(
         return orjson.loads(answer)
     except orjson.JSONDecodeError:
         raise DetectorFailed(f"{what} {url} answered a body that is not JSON") from None
+
+
+async def first_flag(calls: Iterable[Awaitable[Verdict | None]]) -> Verdict | None:
+    """Run `calls` at once: a flag in any decides; else a refusal of the input; else an outage."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Verdict):
+            return outcome
+    for wanted in (InputRefused, DetectorFailed, BaseException):
+        for outcome in outcomes:
+            if isinstance(outcome, wanted):
+                raise outcome
+    return None
