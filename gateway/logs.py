@@ -111,8 +111,13 @@ class _AccessLog:
 access_log = _AccessLog()
 
 
+def _json_bytes(value: Any, **_: Any) -> bytes:
+    # default=str: a value a library logs that JSON cannot hold is written as its text, not an error.
+    return orjson.dumps(value, default=str)
+
+
 def _json_text(value: Any, **_: Any) -> str:
-    return orjson.dumps(value).decode()
+    return _json_bytes(value).decode()
 
 
 def configure_logging(settings: Settings) -> None:
@@ -134,7 +139,7 @@ def configure_logging(settings: Settings) -> None:
             processors=[
                 *shared,
                 structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(serializer=orjson.dumps),
+                structlog.processors.JSONRenderer(serializer=_json_bytes),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(level),
             logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
@@ -156,7 +161,12 @@ def configure_logging(settings: Settings) -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, stdlib_renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # a library's logger.exception(...) (aiohttp's, uvicorn's): the traceback as text
+                structlog.processors.format_exc_info,
+                stdlib_renderer,
+            ],
         )
     )
     root = logging.getLogger()

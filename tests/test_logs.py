@@ -104,6 +104,10 @@ def test_every_line_has_one_json_style(capfd: pytest.CaptureFixture[str]) -> Non
     try:
         logging.getLogger("uvicorn.error").warning("Application startup complete.")
         structlog.get_logger("gateway").warning("block_check_failed", user_id="u")
+        try:
+            raise ValueError("boom")
+        except ValueError:  # a library logging a failure with its traceback (aiohttp does)
+            logging.getLogger("aiohttp.server").exception("Error handling request", extra={"kind": type})
     finally:
         # The configuration points at this test's captured stream, closed after it: put back
         # what the next test expects (the default until the next create_app configures again).
@@ -112,6 +116,7 @@ def test_every_line_has_one_json_style(capfd: pytest.CaptureFixture[str]) -> Non
         structlog.reset_defaults()
         access_log.use(None)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
-    assert len(lines) == 2
+    assert len(lines) == 3
     for line in lines:
         assert line == orjson.dumps(orjson.loads(line)).decode()  # compact: no spaces between tokens
+    assert "ValueError: boom" in orjson.loads(lines[2])["exception"]
