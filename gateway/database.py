@@ -81,14 +81,18 @@ def _migrations() -> list[tuple[int, str, str]]:
     return [found[version] for version in sorted(found)]
 
 
-async def migrate(dsn: str) -> list[int]:
+async def migrate(dsn: str, *, statement_cache: bool = True) -> list[int]:
     """Apply the pending migrations of gateway/migrations; return the versions applied now.
 
     Each migration runs in its own transaction under an advisory lock, so replicas starting at
-    once apply each one exactly once.
+    once apply each one exactly once. `statement_cache=False` behind PgBouncer in transaction
+    mode: a named prepared statement stays on the server connection for another replica's to
+    collide with.
     """
     try:
-        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=60)
+        conn = await asyncpg.connect(
+            dsn, timeout=CONNECT_TIMEOUT, command_timeout=60, statement_cache_size=100 if statement_cache else 0
+        )
     except UNAVAILABLE_ERRORS as exc:
         raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
     applied: list[int] = []
@@ -188,7 +192,7 @@ class Database:
             log.info("embedded postgres started", data_dir=str(data_dir))
         dsn = self.dsn
         try:
-            await migrate(dsn)
+            await migrate(dsn, statement_cache=self._settings.db_statement_cache)
             self._pool = await asyncpg.create_pool(
                 dsn,
                 min_size=1,
