@@ -13,9 +13,14 @@
 Expected answers are successes; any other status or error code is a failure, so
 `locust --headless` exits non-zero when the gateway misbehaves.
 
+Every call carries a fresh X-Request-ID. With LOADTEST_JOURNAL set to a file path, each answer
+is also appended there as a JSON line (start and end time, journey step, user, request id,
+status, error code, the `event_id` of a refusal), so a harness can hold the answers clients got
+against the audit trail and a load balancer's log (loadtests/multihost.py does).
+
 Environment: GATEWAY_ADMIN_TOKEN (operator; without it the operator idles), GATEWAY_USER_HEADER
 (default X-User-ID), LOADTEST_API_KEY (sent as the client's bearer key), LOADTEST_MODEL,
-LOADTEST_VIOLATION, LOADTEST_USERS (size of the clean user pool).
+LOADTEST_VIOLATION, LOADTEST_USERS (size of the clean user pool), LOADTEST_JOURNAL.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 import uuid
-from typing import Any
+from typing import IO, Any
 
-from locust import FastHttpUser, between, task
+from locust import FastHttpUser, between, events, task
 from locust.contrib.fasthttp import ResponseContextManager
 
 USER_HEADER = os.environ.get("GATEWAY_USER_HEADER", "X-User-ID")
@@ -41,6 +47,8 @@ CLEAN_PROMPTS = (
     "Write a haiku about autumn rain.",
     "Explain what a hash map is to a new programmer.",
 )
+JOURNAL_PATH = os.environ.get("LOADTEST_JOURNAL", "")
+_journal: IO[str] | None = None
 
 
 def _error_code(response: ResponseContextManager) -> str | None:
@@ -50,6 +58,61 @@ def _error_code(response: ResponseContextManager) -> str | None:
         return None
     error = body.get("error") if isinstance(body, dict) else None
     return error.get("code") if isinstance(error, dict) else None
+
+
+def _call_context(user_id: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The headers and locust context of one call: a fresh request id, and the user it speaks for."""
+    request_id = uuid.uuid4().hex
+    return {"X-Request-ID": request_id}, {"request_id": request_id, "user": user_id or ""}
+
+
+def _journal_answer(
+    name: str,
+    start_time: float,
+    response_time: float,
+    context: dict[str, Any],
+    response: Any = None,
+    exception: BaseException | None = None,
+    **kwargs: Any,
+) -> None:
+    global _journal
+    if not JOURNAL_PATH:
+        return
+    if _journal is None:
+        _journal = open(JOURNAL_PATH, "a", encoding="utf-8")  # noqa: SIM115 (closed when locust quits)
+    status = getattr(response, "status_code", 0) or 0
+    error: Any = None
+    if status >= 400:
+        try:
+            body = json.loads(response.content or b"")
+            error = body.get("error") if isinstance(body, dict) else None
+        except (ValueError, TypeError):
+            error = None
+    error = error if isinstance(error, dict) else {}
+    entry = {
+        "t0": start_time,
+        "t1": time.time(),
+        "name": name,
+        "user": context.get("user", ""),
+        "request_id": context.get("request_id", ""),
+        "status": status,
+        "code": error.get("code"),
+        "event_id": error.get("event_id"),
+        "message": str(error.get("message", ""))[:60],
+        "failure": None if exception is None else str(exception)[:200],
+        # what a call without an answer met (geventhttpclient keeps it on the response)
+        "transport": repr(getattr(response, "error", None))[:200] if status == 0 else None,
+    }
+    _journal.write(json.dumps(entry) + "\n")
+
+
+def _close_journal(**kwargs: Any) -> None:
+    if _journal is not None:
+        _journal.close()
+
+
+events.request.add_listener(_journal_answer)  # type: ignore[no-untyped-call]  # locust leaves it unannotated
+events.quitting.add_listener(_close_journal)  # type: ignore[no-untyped-call]
 
 
 def _expect(response: ResponseContextManager, allowed: dict[int, str | None]) -> bool:
@@ -69,9 +132,12 @@ class _GatewayUser(FastHttpUser):
 
     def chat(self, text: str, *, stream: bool, name: str) -> ResponseContextManager:
         body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": stream}
-        headers = {USER_HEADER: self.user_id, "Authorization": f"Bearer {API_KEY}"}
+        headers, context = _call_context(self.user_id)
+        headers |= {USER_HEADER: self.user_id, "Authorization": f"Bearer {API_KEY}"}
         # The caller's `with` block marks the outcome.
-        return self.client.post("/v1/chat/completions", json=body, headers=headers, name=name, catch_response=True)
+        return self.client.post(
+            "/v1/chat/completions", json=body, headers=headers, name=name, context=context, catch_response=True
+        )
 
 
 class ChatUser(_GatewayUser):
@@ -122,9 +188,14 @@ class Operator(FastHttpUser):
     def unblock_blocked_users(self) -> None:
         if not ADMIN_TOKEN:
             return
+        call, context = _call_context()
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         with self.client.get(
-            "/admin/users?blocked=true&limit=100", headers=headers, name="admin list blocked", catch_response=True
+            "/admin/users?blocked=true&limit=100",
+            headers=headers | call,
+            name="admin list blocked",
+            context=context,
+            catch_response=True,
         ) as response:
             if not _expect(response, {200: None}):
                 return
@@ -133,8 +204,14 @@ class Operator(FastHttpUser):
             blocked = [user_id for user_id in listed if user_id.startswith("loadtest-")]
         for user_id in blocked:
             body = {"reason": "load test operator"}
+            call, context = _call_context(user_id)
             with self.client.put(
-                f"/admin/unblock/{user_id}", json=body, headers=headers, name="admin unblock", catch_response=True
+                f"/admin/unblock/{user_id}",
+                json=body,
+                headers=headers | call,
+                name="admin unblock",
+                context=context,
+                catch_response=True,
             ) as response:
                 if _expect(response, {200: None}) and response.json().get("blocked") is not False:
                     response.failure("unblock answered a user still blocked")
