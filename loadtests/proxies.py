@@ -66,8 +66,10 @@ def haproxy_config(
 ) -> str:
     """The balancer on `listen` over `backends` (health: /readyz), and the TCP relay `relay` -> `database`.
 
-    Its log, one line a call on stdout: `<accept time> <server> <status> <termination state>
-    <total ms> {<X-Request-ID>}`, so each answer a client got is tied to the replica that served it.
+    Its log, one line a call on stdout: `<accept date> <server> <status> <termination state>
+    <Th> <Ti> <Ta> {<X-Request-ID>}` (the date a keep-alive connection's request counts from, the
+    milliseconds of handshake and idleness after it, then of the call), so each answer a client
+    got is tied to the replica that served it, and when.
     A call is moved to another replica only when its connection failed (nothing was sent):
     replaying a POST that reached a replica could record its strike twice.
     """
@@ -88,7 +90,7 @@ frontend gateway
     mode http
     bind {listen[0]}:{listen[1]}
     capture request header X-Request-ID len 64
-    log-format "%Ts.%ms %s %ST %tsc %Ta %hr"
+    log-format "%Ts.%ms %s %ST %tsc %Th %Ti %Ta %hr"
     option forwardfor
     default_backend replicas
 
