@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.store import Store
-from loadtests.harness import free_port
+from loadtests.harness import ROOT, free_port
 from loadtests.multihost_checks import (
     Faults,
     Findings,
@@ -33,7 +33,7 @@ from loadtests.multihost_checks import (
     read_balancer_log,
 )
 from loadtests.netns import _owner
-from loadtests.proxies import Backend, find, haproxy_config
+from loadtests.proxies import PACKAGES, Backend, find, haproxy_config
 from loadtests.receiver import Delivery
 from middleware.protocols import Verdict, Violation
 from tests.conftest import SettingsFactory, open_store
@@ -66,6 +66,13 @@ def test_harness_names_carry_their_owner_and_nothing_else_matches() -> None:
     assert _owner("eth0") is None
     assert _owner("gwmhzz") is None
     assert _owner("gwmh1a2bveth") is None
+
+
+def test_ci_installs_what_the_run_needs_and_runs_its_short_form() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    step = script[script.index("packages=()") : script.index("apt-get install")]
+    assert all(binary in step for binary in PACKAGES)
+    assert "./dev python -m loadtests.multihost --short" in script
 
 
 # -- the balancer ------------------------------------------------------------------------------
