@@ -43,7 +43,8 @@ EXPECTED: dict[str, dict[int, str | None]] = {
     "admin list blocked": {200: None},
     "admin unblock": {200: None},
     "probe violation": _REFUSED,
-    "probe watch": {200: None, 403: "user_blocked"},
+    "probe watch": {400: "invalid_json", 403: "user_blocked"},
+    "probe chat": {200: None},
     "probe unblock": {200: None},
     "probe admin block": {200: None},
 }

@@ -2,10 +2,13 @@
 
 A round blocks a fresh user through one replica (three violations to the policy's limit, or an
 admin block), then calls every other replica as that user until each refuses it; then unblocks
-the user through another replica and calls every replica until each serves it again. A lag is
-from the answer that made the change to the first answer showing it (an upper bound: it includes
-that call's own round trip). The round's answers are journaled like the load's, so its strikes
-are held against the audit trail with the rest.
+the user through another replica and calls every replica until none refuses it, and each then
+serves that user a chat. The watching calls are POSTs whose body is not JSON: the block check
+comes first, so a blocked user gets 403 `user_blocked` and any other 400 `invalid_json`, both
+from the gateway alone, without waiting on the upstream. A lag is from the answer that made the
+change to the first answer showing it (an upper bound: it includes that call's round trip).
+The round's answers are journaled like the load's, so its strikes are held against the audit
+trail with the rest.
 """
 
 from __future__ import annotations
@@ -68,8 +71,14 @@ class Prober:
         if status != 200:
             probe.problems.append(f"the unblock through {probe.unblock_via} was answered {status}")
             return probe
-        lags = await asyncio.gather(*(self._watch(probe.user, url, lifted, until=200) for url in urls.values()))
+        lags = await asyncio.gather(*(self._watch(probe.user, url, lifted, until=400) for url in urls.values()))
         probe.unblock_lags = dict(zip(urls, lags, strict=True))
+        for name, url in urls.items():
+            status, code, _ = await self._call(
+                "POST", f"{url}/v1/chat/completions", probe.user, "probe chat", clean=True
+            )
+            if status != 200:
+                probe.problems.append(f"{name} answered the unblocked user's chat {status} {code}")
         return probe
 
     async def _block(self, probe: Round, url: str) -> float | None:
@@ -95,27 +104,37 @@ class Prober:
         """Call `url` as `user` until it answers `until`; seconds from `since`, None if it never did."""
         deadline = since + WATCH_SECONDS
         while time.time() < deadline:
-            status, _, _ = await self._call("POST", f"{url}/v1/chat/completions", user, "probe watch", clean=True)
+            status, _, _ = await self._call("POST", f"{url}/v1/chat/completions", user, "probe watch", raw=b"{")
             if status == until:
                 return time.time() - since
             await asyncio.sleep(0.002)
         return None
 
     async def _call(
-        self, method: str, url: str, user: str, name: str, *, admin: bool = False, clean: bool = False
+        self,
+        method: str,
+        url: str,
+        user: str,
+        name: str,
+        *,
+        admin: bool = False,
+        clean: bool = False,
+        raw: bytes | None = None,
     ) -> tuple[int, str | None, str | None]:
         request_id = uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
-        body: dict[str, Any] | None = None
+        body: bytes | None = raw
         if admin:
             headers["Authorization"] = f"Bearer {self.admin_token}"
         else:
-            headers["X-User-ID"] = user
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": CLEAN if clean else VIOLATION}]}
+            headers |= {"X-User-ID": user, "Content-Type": "application/json"}
+            if raw is None:
+                text = CLEAN if clean else VIOLATION
+                body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
         started = time.time()
         status, code, event_id, failure = 0, None, None, None
         try:
-            async with self.session.request(method, url, json=body, headers=headers) as response:
+            async with self.session.request(method, url, data=body, headers=headers) as response:
                 status = response.status
                 data = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -182,6 +182,7 @@ def test_expected_refusals_are_not_errors(tmp_path: Path) -> None:
         answer("violation", 403, 1.0, code="user_blocked"),
         answer("violator clean chat", 403, 1.0, code="user_blocked"),
         answer("probe watch", 403, 1.0, code="user_blocked"),
+        answer("probe watch", 400, 1.0, code="invalid_json"),
     ]
     wrong_code = answer("violation", 400, 1.0, code="invalid_json")
     _, errors = errors_of([*journal, wrong_code], [], tmp_path)
