@@ -18,9 +18,10 @@ Phases:
   from 1 again: the whole ladder, on one row;
 - block checks: answered by a loaded per-worker cache, and asked of the database per call;
 - block changes (an admin block and its unblock) with 0, 1, 3 and 10 block caches listening,
-  as with that many replicas: their cost on the server, and how long from the start of the
-  call that made a block until every cache knows it (the caches share this process's loop,
-  where replicas would each have their own: an upper bound).
+  as with that many replicas: their cost on the server; after changes at full speed, how long
+  until every cache had read them all; and, one change at a time, how long from the start of
+  the call that made a block until every cache knows it. The caches share this process's CPU
+  and loop, where replicas would each have their own: the times are upper bounds.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class Phase:
         return self.operations / self.seconds if self.seconds else 0.0
 
     @property
-    def per_server_core(self) -> float:
-        """Operations one fully busy server core would do, at the CPU each one cost here."""
-        return self.operations / self.server_cpu if self.server_cpu else float("inf")
+    def per_server_core(self) -> float | None:
+        """Operations one fully busy server core would do, at the CPU each one cost here (None: no
+        measurable server CPU, a few clock ticks at most)."""
+        return self.operations / self.server_cpu if self.server_cpu > 0.05 else None
 
     @property
     def server_us(self) -> float:
@@ -197,8 +199,16 @@ async def block_checks(settings: Settings, dsn: str, clock: ServerClock, args: a
 class FanOut:
     listeners: int
     changes: Phase
+    backlog_ms: float | None  # after changes at full speed, until every cache had read them all
     lag_ms_median: float | None
     lag_ms_p99: float | None
+
+
+async def _known_everywhere(caches: list[BlockCache], user: str) -> None:
+    for _ in range(100_000):  # at most about 20 s
+        if all(cache.get(user) is not None for cache in caches):
+            return
+        await asyncio.sleep(0.0002)
 
 
 async def fan_out(settings: Settings, dsn: str, clock: ServerClock, args: argparse.Namespace) -> list[FanOut]:
@@ -222,21 +232,25 @@ async def fan_out(settings: Settings, dsn: str, clock: ServerClock, args: argpar
                     f"block changes, {count} listening", clock, args.seconds, args.concurrency, change
                 )
                 phase.operations *= 2  # a block and an unblock each
+                backlog = None
+                if caches:  # notifications are read in order: the last one known means all were
+                    ended = time.perf_counter()
+                    await store.block(f"fan{count}-last", seconds=3600)
+                    await _known_everywhere(caches, f"fan{count}-last")
+                    backlog = (time.perf_counter() - ended) * 1000
                 lags: list[float] = []
                 for index in range(args.lag_samples if caches else 0):
                     user = f"lag{count}-{index}"
                     asked = time.perf_counter()
                     await store.block(user, seconds=3600)
-                    for _ in range(20_000):  # at most about 5 s
-                        if all(cache.get(user) is not None for cache in caches):
-                            break
-                        await asyncio.sleep(0.0002)
+                    await _known_everywhere(caches, user)
                     lags.append((time.perf_counter() - asked) * 1000)
                 ordered = sorted(lags)
                 results.append(
                     FanOut(
                         count,
                         phase,
+                        backlog,
                         statistics.median(ordered) if ordered else None,
                         ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else None,
                     )
@@ -256,9 +270,12 @@ def report(phases: list[Phase], fans: list[FanOut]) -> dict[str, Any]:
     for phase in [*phases, *(fan.changes for fan in fans)]:
         print(
             f"{phase.name:54} {phase.operations:8d} {phase.per_second:9.0f} {phase.server_us:13.1f} "
-            f"{phase.per_server_core:22.0f} {phase.client_us:13.1f}"
+            f"{'-' if phase.per_server_core is None else f'{phase.per_server_core:.0f}':>22} {phase.client_us:13.1f}"
         )
     for fan in fans:
+        if fan.backlog_ms is not None:
+            print(f"{fan.listeners:2d} listening: after changes at full speed every cache had read them all "
+                  f"{fan.backlog_ms:.1f} ms later")  # fmt: skip
         if fan.lag_ms_median is not None:
             print(f"{fan.listeners:2d} listening: every cache knew a block {fan.lag_ms_median:.2f} ms (median), "
                   f"{fan.lag_ms_p99:.2f} ms (p99) after the call that made it began")  # fmt: skip
