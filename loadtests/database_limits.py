@@ -21,7 +21,8 @@ Phases:
   as with that many replicas: their cost on the server; after changes at full speed, how long
   until every cache had read them all; and, one change at a time, how long from the start of
   the call that made a block until every cache knows it. The caches share this process's CPU
-  and loop, where replicas would each have their own: the times are upper bounds.
+  and loop, where replicas would each have their own: the times are upper bounds;
+- storage: bytes per audit event and per user, indexes included.
 """
 
 from __future__ import annotations
@@ -305,6 +306,25 @@ def report(phases: list[Phase], fans: list[FanOut]) -> dict[str, Any]:
     }
 
 
+async def storage(dsn: str) -> dict[str, float]:
+    """Bytes per audit event and per user, tables and indexes together, after a VACUUM."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM ANALYZE events, users")
+        sizes = {
+            table: await conn.fetchrow(
+                f"SELECT pg_total_relation_size('{table}') AS bytes, (SELECT count(*) FROM {table}) AS rows"  # noqa: S608
+            )
+            for table in ("events", "users")
+        }
+    finally:
+        await conn.close()
+    figures = {f"bytes per {table} row": row["bytes"] / max(row["rows"], 1) for table, row in sizes.items() if row}
+    for name, value in figures.items():
+        print(f"storage: {name}: {value:.0f}")
+    return figures
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = args.database_url or os.environ.get("TEST_DATABASE_URL") or DEFAULT_DATABASE
     name = f"limits_{secrets.token_hex(4)}"
@@ -327,7 +347,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         phases = await strikes(settings, clock, args)
         phases += await block_checks(settings, dsn, clock, args)
         fans = await fan_out(settings, dsn, clock, args)
-        return report(phases, fans)
+        figures = report(phases, fans)
+        figures["storage"] = await storage(dsn)
+        return figures
     finally:
         conn = await asyncpg.connect(admin)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
