@@ -5,9 +5,9 @@
   violations in `events`, one for one: none missing (lost); none extra (doubled), except as
   many as that user's calls whose answer never arrived (their strike may have committed).
 - Client errors: every answer not expected of its journey step is an error, and each must be a
-  call the balancer's log shows in flight on the killed replica when it died (or a call it
-  closed without an answer or a log line at that moment: HAProxy does that when a request it
-  sent on a reused connection meets the dying replica, as that replica would have), or a 503
+  call the balancer's log shows in flight on the killed replica when it died (or a call whose
+  connection was closed without an answer, and without a line in the balancer's log, at that
+  very moment: seen when a keep-alive call meets the replica's death), or a 503
   `store_unavailable` to a call that needed the database while PgBouncer restarted (its safe
   shutdown holds new queries, then cuts them: the gateway cannot know whether one ran, so it
   answers 503, which the OpenAI SDK retries; a strike is never retried by the gateway).
@@ -136,7 +136,7 @@ def check_errors(
     began, listening = faults.pgbouncer
     for entry in errors:
         call = served.get(entry["request_id"])
-        if call is None:  # closed by the balancer without a log line: no answer at all, as the replica died
+        if call is None:  # closed without an answer or a log line, as the replica died
             on_killed = entry["status"] == 0 and _spans(entry["t0"], entry["t1"], faults.killed_at)
         else:
             on_killed = call.server == faults.killed and _spans(call.accepted, call.ended, faults.killed_at)
