@@ -297,9 +297,10 @@ def _owner_alive(pid_hex: str) -> bool:
     return True
 
 
-def database_name(pid: int, token: str) -> str:
-    """The scratch database of a run: named after its process, so `sweep` knows when it is stale."""
-    return f"multihost_{pid:x}_{token}"
+def database_prefix(pid: int) -> str:
+    """The start of a run's scratch database name (harness.scratch_database adds a random part):
+    the run's process, so that `sweep` knows when it is stale."""
+    return f"multihost_{pid:x}"
 
 
 def sweep(admin_dsn: str, scratch_root: Path) -> list[str]:

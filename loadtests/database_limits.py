@@ -31,14 +31,13 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -47,6 +46,7 @@ from gateway.database import Database
 from gateway.logs import configure_logging
 from gateway.settings import Settings, settings_from
 from gateway.store import Policy, Store
+from loadtests.harness import scratch_database
 from middleware.protocols import Verdict, Violation
 
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -325,35 +325,24 @@ async def storage(dsn: str) -> dict[str, float]:
     return figures
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    admin = args.database_url or os.environ.get("TEST_DATABASE_URL") or DEFAULT_DATABASE
-    name = f"limits_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    dsn = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
-    try:
-        settings = settings_from(
-            database_url=dsn,
-            moderation="off",
-            max_strikes=3,
-            block_seconds=0.001,
-            db_pool_size=args.concurrency,
-            log_level="warning",
-            log_format="console",
-        )
-        configure_logging(settings)
-        clock = ServerClock(dsn)
-        phases = await strikes(settings, clock, args)
-        phases += await block_checks(settings, dsn, clock, args)
-        fans = await fan_out(settings, dsn, clock, args)
-        figures = report(phases, fans)
-        figures["storage"] = await storage(dsn)
-        return figures
-    finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+async def run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
+    settings = settings_from(
+        database_url=dsn,
+        moderation="off",
+        max_strikes=3,
+        block_seconds=0.001,
+        db_pool_size=args.concurrency,
+        log_level="warning",
+        log_format="console",
+    )
+    configure_logging(settings)
+    clock = ServerClock(dsn)
+    phases = await strikes(settings, clock, args)
+    phases += await block_checks(settings, dsn, clock, args)
+    fans = await fan_out(settings, dsn, clock, args)
+    figures = report(phases, fans)
+    figures["storage"] = await storage(dsn)
+    return figures
 
 
 def main() -> None:
@@ -365,7 +354,10 @@ def main() -> None:
     parser.add_argument("--database-url", help="the PostgreSQL server for the scratch database (TEST_DATABASE_URL)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    figures = asyncio.run(run(args))
+    admin = args.database_url or os.environ.get("TEST_DATABASE_URL") or DEFAULT_DATABASE
+    with scratch_database(admin, "limits") as dsn:
+        assert dsn is not None
+        figures = asyncio.run(run(args, dsn))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2))

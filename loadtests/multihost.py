@@ -46,14 +46,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 
 from loadtests import netns
-from loadtests.cluster import SCRATCH_PREFIX, Cluster, ClusterError, database_name, sweep
-from loadtests.harness import ROOT, child_env
+from loadtests.cluster import SCRATCH_PREFIX, Cluster, ClusterError, database_prefix, sweep
+from loadtests.harness import ROOT, child_env, scratch_database
 from loadtests.multihost_checks import (
     Faults,
     Findings,
@@ -87,23 +86,6 @@ class Observations:
     started: float = 0.0
     ended: float = 0.0
     drained_after: float = 0.0
-
-
-async def _create_database(admin: str, name: str) -> str:
-    conn = await asyncpg.connect(admin, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
-
-
-async def _drop_database(admin: str, name: str) -> None:
-    conn = await asyncpg.connect(admin, timeout=10)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 async def _pending_webhooks(dsn: str) -> tuple[int, float]:
@@ -305,41 +287,37 @@ def run(args: argparse.Namespace) -> Findings:
         print(f"multihost: installed {', '.join(installed)}")
     scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
     scratch.chmod(0o711)  # pgbouncer runs as nobody and reads its own directory inside
-    name = database_name(os.getpid(), secrets.token_hex(3))
     admin_token, webhook_secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     receiver = Receiver(webhook_secret.encode())
-    cluster: Cluster | None = None
     failed = True
-    try:
-        database = asyncio.run(_create_database(admin, name))
+    with scratch_database(admin, database_prefix(os.getpid())) as database:
+        assert database is not None
         cluster = Cluster(scratch, admin, database, replicas=3, pool_size=args.pool_size)
-        cluster.start(admin_token=admin_token, webhook_secret=webhook_secret, upstream_latency_ms=20)
+        try:
+            cluster.start(admin_token=admin_token, webhook_secret=webhook_secret, upstream_latency_ms=20)
 
-        async def drive() -> Observations:
-            assert cluster is not None
-            try:
-                return await _drive(args, cluster, receiver, admin_token)
-            finally:
-                await receiver.close()
+            async def drive() -> Observations:
+                try:
+                    return await _drive(args, cluster, receiver, admin_token)
+                finally:
+                    await receiver.close()
 
-        seen = asyncio.run(drive())
-        with _uninterrupted():
-            problems = cluster.close()
-        exit_codes = {replica: child.exit_codes for replica, child in cluster.replicas.items()}
-        findings = asyncio.run(_check(cluster, seen, receiver, exit_codes))
-        findings.problems += problems
-        failed = bool(findings.problems)
-        return findings
-    finally:
-        with _uninterrupted():
-            if cluster is not None:
+            seen = asyncio.run(drive())
+            with _uninterrupted():
+                problems = cluster.close()
+            exit_codes = {replica: child.exit_codes for replica, child in cluster.replicas.items()}
+            findings = asyncio.run(_check(cluster, seen, receiver, exit_codes))
+            findings.problems += problems
+            failed = bool(findings.problems)
+            return findings
+        finally:
+            with _uninterrupted():
                 for problem in cluster.close():
                     print(f"multihost: cleaning up: {problem}", file=sys.stderr)
-            asyncio.run(_drop_database(admin, name))
-            if failed or args.keep:
-                print(f"multihost: logs kept in {scratch}")
-            else:
-                shutil.rmtree(scratch, ignore_errors=True)
+                if failed or args.keep:
+                    print(f"multihost: logs kept in {scratch}")
+                else:
+                    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _as_root(argv: list[str]) -> int:
