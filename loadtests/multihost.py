@@ -1,7 +1,7 @@
 """The multi-host run: three replicas on three hosts behind HAProxy, one PostgreSQL behind PgBouncer,
 under locust's journeys, while a replica is killed and PgBouncer restarts.
 
-    ./dev python -m loadtests.multihost --short     # what CI runs: about a minute and a half
+    ./dev python -m loadtests.multihost --short     # what CI runs: about a minute
     ./dev python -m loadtests.multihost             # the long form (docs/SCALING.md's figures)
 
 Each replica (`python -m gateway`) runs in its own network namespace with its own address,
