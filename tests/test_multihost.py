@@ -6,8 +6,12 @@ CI runs it after the suite. Here each check is shown to fail on the fault it exi
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.store import Store
-from loadtests.harness import ROOT, free_port
+from loadtests.harness import ROOT, child_env, free_port
 from loadtests.multihost_checks import (
     Faults,
     Findings,
@@ -32,7 +36,7 @@ from loadtests.multihost_checks import (
     check_webhooks,
     read_balancer_log,
 )
-from loadtests.netns import _owner
+from loadtests.netns import Network, _owner, sweep
 from loadtests.proxies import PACKAGES, Backend, find, haproxy_config
 from loadtests.receiver import Delivery
 from middleware.protocols import Verdict, Violation
@@ -73,6 +77,56 @@ def test_ci_installs_what_the_run_needs_and_runs_its_short_form() -> None:
     step = script[script.index("packages=()") : script.index("apt-get install")]
     assert all(binary in step for binary in PACKAGES)
     assert "./dev python -m loadtests.multihost --short" in script
+
+
+@pytest.fixture
+def root() -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+
+
+def _leftovers(tag: str) -> list[str]:
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return [name for name in names if name.startswith(tag)] + [line for line in links.splitlines() if tag in line]
+
+
+@pytest.mark.usefixtures("root")
+def test_hosts_reach_the_bridge_and_leave_nothing_behind() -> None:
+    network = Network(2)
+    try:
+        network.create()
+        with socket.create_server((network.address, 0)) as server:  # a service on this machine's bridge
+            port = server.getsockname()[1]
+            for host in network.hosts:
+                probe = f"import socket; socket.create_connection(({network.address!r}, {port}), timeout=5).close()"
+                subprocess.run(host.command([sys.executable, "-c", probe]), check=True, timeout=30)
+        assert len({host.address for host in network.hosts}) == 2
+    finally:
+        assert network.destroy() == []
+    assert _leftovers(network.bridge[:-2]) == []
+
+
+@pytest.mark.usefixtures("root")
+def test_what_a_killed_run_left_is_swept_by_the_next() -> None:
+    # A process that makes its hosts and dies without removing them, as a run killed with SIGKILL.
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; from loadtests.netns import Network; Network(1).create(); print(os.getpid())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=child_env(),
+    )
+    tag = f"gwmh{int(made.stdout):x}"
+    assert _leftovers(tag)
+    removed = sweep()
+    assert any(tag in item for item in removed)
+    assert _leftovers(tag) == []
 
 
 # -- the balancer ------------------------------------------------------------------------------
