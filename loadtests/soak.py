@@ -108,6 +108,7 @@ class Violator:
     strikes_seen: int = 0  # 400 content_policy_violation answers
     limit_seen: int = 0  # 403 user_blocked answers to the violation that reached the limit
     blocked_seen: int = 0  # 403 user_blocked to an already blocked user: no strike
+    blocks_named: set[str] = field(default_factory=set)  # the block events 403 answers named
     ambiguous: int = 0  # 503 store_unavailable or a cut call: the strike may or may not have committed
     other: Counter[str] = field(default_factory=Counter)
 
@@ -214,10 +215,15 @@ class Run:
             if status == 400 and code == "content_policy_violation":
                 violator.strikes_seen += 1
             elif status == 403 and code == "user_blocked":
-                if "strikes" in orjson.loads(data)["error"]:
+                # Every 403 names its block and states the strikes; the one that reached the limit is
+                # the first to name its block, in answer to the flagged call (one client per violator).
+                error = orjson.loads(data)["error"]
+                block = str(error.get("event_id"))
+                if block not in violator.blocks_named and error["message"].startswith("The request was flagged"):
                     violator.limit_seen += 1
                 else:
                     violator.blocked_seen += 1
+                violator.blocks_named.add(block)
             elif status == 503 and code == "store_unavailable":
                 violator.ambiguous += 1
             else:
