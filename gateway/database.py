@@ -11,6 +11,8 @@ import asyncio
 import atexit
 import re
 import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,15 +21,20 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from gateway.settings import Settings
 from middleware.protocols import StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
+type Connection = PoolConnectionProxy[asyncpg.Record]
+
 # Seconds: a statement that takes longer is cancelled; a connection attempt that takes longer fails.
 COMMAND_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
+# Seconds a call waits for a free pool connection before the database counts as not answering.
+ACQUIRE_TIMEOUT = 5.0
 # pg_advisory_xact_lock key serialising migrations across racing replicas ("gwmigrat" as a number).
 _MIGRATION_LOCK = 0x67776D6967726174
 _MIGRATION_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
@@ -175,6 +182,31 @@ class Database:
         if self._pool is None:
             raise StoreUnavailable("the database pool is not open")
         return self._pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection; a database that cannot answer, then or meanwhile, raises StoreUnavailable."""
+        try:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                yield conn
+        except Exception as exc:
+            if isinstance(exc, StoreUnavailable) or not is_unavailable(exc):
+                raise
+            raise StoreUnavailable(f"PostgreSQL did not answer: {exc!r}") from exc
+
+    async def read[T](self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run an idempotent `work`; a connection found dead (a PostgreSQL restart) is retried once."""
+        try:
+            async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                return await work(conn)
+        except Exception as exc:
+            if isinstance(exc, StoreUnavailable) or not is_unavailable(exc):
+                raise
+            if not is_dropped_connection(exc):
+                raise StoreUnavailable(f"PostgreSQL did not answer: {exc!r}") from exc
+            log.info("database connection lost, retrying once", error=repr(exc))
+        async with self.connection() as conn:
+            return await work(conn)
 
     async def open(self) -> None:
         """Start the embedded PostgreSQL if needed, apply the migrations and create the pool."""

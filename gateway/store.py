@@ -14,8 +14,8 @@ gateway/users.py and gateway/events.py.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from gateway import blocks, events
 from gateway.blockcache import BLOCK_COLUMNS, BLOCK_EVENT, CHANNEL, BlockCache, block_from
-from gateway.database import Database, is_dropped_connection, is_unavailable
+from gateway.database import Database
 from gateway.events import iso
 from gateway.metrics import BLOCK_CHECKS, WARNINGS
 from gateway.policy import MAX_SECONDS
@@ -34,7 +34,7 @@ from gateway.users import MAX_PAGE as MAX_PAGE  # re-exported for the admin API
 from gateway.users import POINTS, STATUS, UserStatus, list_users, status_from
 from gateway.users import decode_cursor as decode_cursor  # re-exported for the admin API
 from gateway.users import encode_cursor as encode_cursor  # re-exported for the admin API
-from middleware.protocols import Block, StoreUnavailable, StrikeOutcome, Violation
+from middleware.protocols import Block, StrikeOutcome, Violation
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +42,6 @@ type Connection = PoolConnectionProxy[asyncpg.Record]
 ViolationKind = Literal["violation", "output_violation"]
 
 NOTIFY_CHANNEL = CHANNEL
-ACQUIRE_TIMEOUT = 5.0
 MAX_BLOCK_SECONDS = MAX_SECONDS
 _SWEEP_BATCH = 100
 
@@ -115,29 +114,12 @@ class Store:
 
     # -- connections ---------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        try:
-            async with self._db.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                yield conn
-        except Exception as exc:
-            if isinstance(exc, StoreUnavailable) or not is_unavailable(exc):
-                raise
-            raise StoreUnavailable(f"PostgreSQL did not answer: {exc!r}") from exc
+    def _connection(self) -> AbstractAsyncContextManager[Connection]:
+        return self._db.connection()
 
     async def _read[T](self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run an idempotent read; a connection found dead (a PostgreSQL restart) is retried once."""
-        try:
-            async with self._db.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                return await work(conn)
-        except Exception as exc:
-            if isinstance(exc, StoreUnavailable) or not is_unavailable(exc):
-                raise
-            if not is_dropped_connection(exc):
-                raise StoreUnavailable(f"PostgreSQL did not answer: {exc!r}") from exc
-            log.info("database connection lost, retrying once", error=repr(exc))
-        async with self._connection() as conn:
-            return await work(conn)
+        return await self._db.read(work)
 
     # -- the StrikeStore protocol --------------------------------------------------------------
 
