@@ -1,5 +1,8 @@
 """The admin REST API (`/admin`): user status, block, unblock, user listing, audit events, stats.
 
+Every call but the OpenAPI document is made by an operator bearing a token (gateway/operators.py)
+and needs the role its operation declares.
+
 Routes match the raw, still percent-encoded path, one segment per `{user_id}`, so a user id may
 hold any character: `/admin/users/a%2Fb/events` is the events of user `a/b`, and `..%2f` stays
 inside the id instead of reaching another route.
@@ -12,7 +15,6 @@ them (`gateway.admin_openapi`).
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -41,6 +43,7 @@ from gateway.admin_models import (
     read_params,
 )
 from gateway.admin_openapi import Operation, Operations, build_document
+from gateway.operators import Operator, Operators, require
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.throttle import AuthThrottle
@@ -55,14 +58,19 @@ operations = Operations()
 
 
 class AdminAPI:
-    """The admin ASGI app; mount it at `/admin`. `routes` is what `OPENAPI` describes."""
+    """The admin ASGI app; mount it at `/admin`. `routes` is what `OPENAPI` describes.
 
-    def __init__(self, store: Store, settings: Settings, *, throttle: AuthThrottle | None = None) -> None:
+    Each call is made by an operator (gateway/operators.py), whose token it bears: the operation's
+    role is checked first, the operator's name goes into the audit events it writes, and the
+    operator is left in `scope["state"]["operator"]` for whatever runs below.
+    """
+
+    def __init__(
+        self, store: Store, operators: Operators, settings: Settings, *, throttle: AuthThrottle | None = None
+    ) -> None:
         self._store = store
+        self._operators = operators
         self._settings = settings
-        token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
-        # An empty token would accept "Bearer " from anyone: it disables the API like an unset one.
-        self._token = token.encode("utf-8") if token else None
         self._throttle = AuthThrottle() if throttle is None else throttle
         self.routes = [
             Route(operation.path, functools.partial(self._run, operation), methods=[operation.method])
@@ -76,18 +84,18 @@ class AdminAPI:
             return
         try:
             response = await self._respond(scope, receive)
+        except StoreUnavailable:
+            error = GatewayError(
+                503, "store_unavailable", "The database does not answer; try again when /readyz answers 200."
+            )
+            await error.send(send)
+            return
         except GatewayError as error:
             await error.send(send)
             return
         await response(scope, receive, send)
 
     async def _respond(self, scope: Scope, receive: Receive) -> Response:
-        # Disabled means disabled, the schema included: one answer for every /admin path, so
-        # an operator who forgot the token sees why at once, whatever tool asks first.
-        if self._token is None:
-            raise GatewayError(
-                503, "admin_disabled", "The admin API is disabled: set GATEWAY_ADMIN_TOKEN to enable it."
-            )
         probe = {"type": "http", "path": _encoded_route_path(scope), "root_path": "", "method": scope["method"]}
         endpoint: Endpoint | None = None
         params: dict[str, Any] = {}
@@ -101,7 +109,10 @@ class AdminAPI:
                 allowed |= route.methods or set()
         # The schema is public while the API is enabled (tools fetch it before they hold a
         # token); everything else, unknown paths included, needs the token first.
-        if endpoint != self._openapi:
+        if endpoint == self._openapi:
+            if not await self._operators.enabled():
+                raise _disabled()
+        else:
             await self._authenticate(scope)
         if endpoint is None:
             if allowed:
@@ -113,36 +124,39 @@ class AdminAPI:
                 )
             raise GatewayError(404, "not_found", "No such admin route; see /admin/openapi.json.")
         request = Request({**scope, "path_params": params}, receive)
-        try:
-            return await endpoint(request)
-        except StoreUnavailable:
-            raise GatewayError(
-                503, "store_unavailable", "The database does not answer; try again when /readyz answers 200."
-            ) from None
+        return await endpoint(request)
 
-    async def _authenticate(self, scope: Scope) -> None:
-        assert self._token is not None
+    async def _authenticate(self, scope: Scope) -> Operator:
         scheme, _, token = (header(scope, b"authorization") or b"").partition(b" ")
         peer = _peer(scope)
-        # compare_digest first and always, so the answer's timing says nothing about the token
-        if hmac.compare_digest(token.strip(), self._token) and scheme.lower() == b"bearer":
+        # The token first and always, so the answer's timing says nothing about the scheme.
+        operator = await self._operators.authenticate(token)
+        if operator is not None and scheme.lower() == b"bearer":
             self._throttle.succeeded(peer)
-            return
+            scope.setdefault("state", {})["operator"] = operator
+            return operator
+        # No token set and no operator stored: disabled, as the answer to anything.
+        if not await self._operators.enabled():
+            raise _disabled()
         log.warning("admin_auth_failed", client=_client(scope), peer=peer)
         await self._throttle.failed(peer)
         raise GatewayError(
             401,
             "invalid_admin_token",
-            "Missing or wrong admin token: send Authorization: Bearer <GATEWAY_ADMIN_TOKEN>.",
+            "Missing or wrong admin token: send Authorization: Bearer <your operator token or GATEWAY_ADMIN_TOKEN>.",
         )
 
     async def _run(self, operation: Operation, request: Request) -> Response:
+        operator: Operator = request.scope["state"]["operator"]
+        require(operator, operation.role)
         params = read_params(operation.params, request)
         body = None if operation.body is None else await read_body(operation.body, request)
-        answer = await operation.handler(self, params, body)
+        answer = await operation.handler(self, params, body, operator)
         # Admin answers describe live state: no cache should keep them.
         content = orjson.dumps(answer.model_dump(mode="json", exclude_unset=True))
-        return Response(content, media_type="application/json", headers={"Cache-Control": "no-store"})
+        return Response(
+            content, status_code=operation.status, media_type="application/json", headers={"Cache-Control": "no-store"}
+        )
 
     async def _openapi(self, request: Request) -> Response:
         return Response(_OPENAPI_BYTES, media_type="application/json")
@@ -156,8 +170,9 @@ class AdminAPI:
         "List users, oldest user id first, one page at a time",
         params=ListUsersParams,
         response=UserList,
+        role="viewer",
     )
-    async def _list_users(self, params: ListUsersParams, body: None) -> UserList:
+    async def _list_users(self, params: ListUsersParams, body: None, operator: Operator) -> UserList:
         page, cursor = await self._store.list_users(blocked=params.blocked, limit=params.limit, after=params.after)
         return UserList(data=[UserStatus.model_validate(status.to_json()) for status in page], next=cursor)
 
@@ -168,9 +183,10 @@ class AdminAPI:
         "A user's status",
         params=UserParams,
         response=UserStatus,
+        role="viewer",
         not_found=True,
     )
-    async def _get_user(self, params: UserParams, body: None) -> UserStatus:
+    async def _get_user(self, params: UserParams, body: None, operator: Operator) -> UserStatus:
         status = _known(await self._store.status(params.user_id))
         return UserStatus.model_validate(status.to_json())
 
@@ -181,9 +197,10 @@ class AdminAPI:
         "A user's audit trail, newest first",
         params=UserEventsParams,
         response=EventList,
+        role="viewer",
         not_found=True,
     )
-    async def _events(self, params: UserEventsParams, body: None) -> EventList:
+    async def _events(self, params: UserEventsParams, body: None, operator: Operator) -> EventList:
         events = _known(await self._store.events(params.user_id, limit=params.limit))
         return EventList(data=[Event.model_validate(event) for event in events])
 
@@ -195,11 +212,12 @@ class AdminAPI:
         params=UserParams,
         body=BlockRequest,
         response=UserStatus,
+        role="moderator",
     )
-    async def _block(self, params: UserParams, body: BlockRequest) -> UserStatus:
+    async def _block(self, params: UserParams, body: BlockRequest, operator: Operator) -> UserStatus:
         # No span given: the store blocks for the policy's first step (GATEWAY_BLOCK_SECONDS without a file).
         status = await self._store.block(
-            params.user_id, seconds=body.seconds, permanent=body.permanent, reason=body.reason
+            params.user_id, seconds=body.seconds, permanent=body.permanent, reason=body.reason, operator=operator.name
         )
         return UserStatus.model_validate(status.to_json())
 
@@ -211,10 +229,11 @@ class AdminAPI:
         params=UserParams,
         body=UnblockRequest,
         response=UserStatus,
+        role="moderator",
         not_found=True,
     )
-    async def _unblock(self, params: UserParams, body: UnblockRequest) -> UserStatus:
-        status = _known(await self._store.unblock(params.user_id, reason=body.reason))
+    async def _unblock(self, params: UserParams, body: UnblockRequest, operator: Operator) -> UserStatus:
+        status = _known(await self._store.unblock(params.user_id, reason=body.reason, operator=operator.name))
         return UserStatus.model_validate(status.to_json())
 
     @operations(
@@ -224,8 +243,9 @@ class AdminAPI:
         "Blocked users now; violations and blocks over the last 24 hours",
         params=NoParams,
         response=Stats,
+        role="viewer",
     )
-    async def _stats(self, params: NoParams, body: None) -> Stats:
+    async def _stats(self, params: NoParams, body: None, operator: Operator) -> Stats:
         return Stats.model_validate(await self._store.stats())
 
 
@@ -233,9 +253,22 @@ OPENAPI = build_document(operations)
 _OPENAPI_BYTES = orjson.dumps(OPENAPI)
 
 
-def admin_app(store: Store, settings: Settings, *, throttle: AuthThrottle | None = None) -> AdminAPI:
-    """The admin API as an ASGI app, to mount at `/admin`."""
-    return AdminAPI(store, settings, throttle=throttle)
+def admin_app(
+    store: Store, settings: Settings, *, operators: Operators | None = None, throttle: AuthThrottle | None = None
+) -> AdminAPI:
+    """The admin API as an ASGI app, to mount at `/admin`; its operators by default in the store's database."""
+    if operators is None:
+        operators = Operators(store.database, settings)
+    return AdminAPI(store, operators, settings, throttle=throttle)
+
+
+def _disabled() -> GatewayError:
+    return GatewayError(
+        503,
+        "admin_disabled",
+        "The admin API is disabled: set GATEWAY_ADMIN_TOKEN, or add an operator "
+        "(python -m gateway operators add NAME --role admin), to enable it.",
+    )
 
 
 def _encoded_route_path(scope: Scope) -> str:

@@ -242,7 +242,7 @@ class Event(_StoreAnswer):
     """One event of a user's audit trail.
 
     Violations carry categories, detector, rule, path, text_sha256, scores, shadow; blocks and
-    unblocks carry actor, reason, block_number, blocked_until, permanent.
+    unblocks carry actor, operator, reason, block_number, blocked_until, permanent.
     """
 
     id: int
@@ -256,6 +256,7 @@ class Event(_StoreAnswer):
     scores: dict[str, float] | None = None
     shadow: bool = False
     actor: Literal["admin", "policy", "expiry"] | None = None
+    operator: str | None = Field(default=None, description="The operator who acted; null for the policy and expiry.")
     reason: str | None = None
     block_number: int | None = None
     blocked_until: Time | None = None

@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
 from gateway.admin_models import MAX_BODY_BYTES, Error, never_null
+from gateway.operators import ROLES, Operator, Role
 
-type Handler = Callable[[Any, Any, Any], Awaitable[BaseModel]]
+type Handler = Callable[[Any, Any, Any, Operator], Awaitable[BaseModel]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +31,19 @@ class Operation:
     body: type[BaseModel] | None
     response: type[BaseModel]
     handler: Handler
-    not_found: bool  # may answer 404 user_not_found
+    role: Role  # the lowest role allowed to call it
+    status: int  # of a success: 200, or 201 when it creates something
+    not_found: bool  # may answer 404 (`user_not_found`, `operator_not_found`)
+    conflict: bool  # may answer 409 (`operator_exists`)
 
 
 class Operations:
     """The admin API's operations, declared by decorating their handlers, in routing order.
 
     A handler takes its parameters and its body (None for operations without one) as their
-    models and returns its answer's model; mypy holds the handler to the models it declares.
+    models, and the operator calling; it returns its answer's model. mypy holds the handler to
+    the models it declares. `role` is the lowest role that may call it: others get 403
+    `insufficient_role` before anything of the request is read.
     """
 
     def __init__(self) -> None:
@@ -56,11 +62,29 @@ class Operations:
         params: type[P],
         body: type[B] | None = None,
         response: type[R],
+        role: Role,
+        status: int = 200,
         not_found: bool = False,
-    ) -> Callable[[Callable[[S, P, B], Awaitable[R]]], Callable[[S, P, B], Awaitable[R]]]:
-        def declare(handler: Callable[[S, P, B], Awaitable[R]]) -> Callable[[S, P, B], Awaitable[R]]:
+        conflict: bool = False,
+    ) -> Callable[[Callable[[S, P, B, Operator], Awaitable[R]]], Callable[[S, P, B, Operator], Awaitable[R]]]:
+        def declare(
+            handler: Callable[[S, P, B, Operator], Awaitable[R]],
+        ) -> Callable[[S, P, B, Operator], Awaitable[R]]:
             self._operations.append(
-                Operation(method, path, operation_id, summary, params, body, response, handler, not_found)
+                Operation(
+                    method,
+                    path,
+                    operation_id,
+                    summary,
+                    params,
+                    body,
+                    response,
+                    handler,
+                    role,
+                    status,
+                    not_found,
+                    conflict,
+                )
             )
             return handler
 
@@ -89,20 +113,31 @@ def build_document(operations: Operations) -> dict[str, Any]:
     refs, schemas = models_json_schema(list(dict.fromkeys(models)), ref_template=_REF, schema_generator=_Schema)
     paths: dict[str, dict[str, Any]] = {}
     for operation in operations:
-        described: dict[str, Any] = {"operationId": operation.operation_id, "summary": operation.summary}
+        described: dict[str, Any] = {
+            "operationId": operation.operation_id,
+            "summary": operation.summary,
+            "x-role": operation.role,
+        }
         if parameters := _parameters(operation):
             described["parameters"] = parameters
-        responses = {"200": _response(_doc(operation.response), refs[(operation.response, "serialization")])}
+        success = _response(_doc(operation.response), refs[(operation.response, "serialization")])
+        responses = {str(operation.status): success}
         responses["400"] = {"$ref": "#/components/responses/BadRequest"}
         responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
+        if operation.role != ROLES[0]:
+            responses["403"] = {"$ref": "#/components/responses/Forbidden"}
         if operation.not_found:
             responses["404"] = {"$ref": "#/components/responses/NotFound"}
+        if operation.conflict:
+            responses["409"] = {"$ref": "#/components/responses/Conflict"}
+        description = [f"Role: `{operation.role}` or higher."]
         if operation.body is not None:
             if operation.body.__doc__:
-                described["description"] = _doc(operation.body)
+                description.append(_doc(operation.body))
             schema = refs[(operation.body, "validation")]
             described["requestBody"] = {"required": False, "content": {"application/json": {"schema": schema}}}
             responses["413"] = {"$ref": "#/components/responses/TooLarge"}
+        described["description"] = "\n\n".join(description)
         responses["503"] = {"$ref": "#/components/responses/Unavailable"}
         described["responses"] = responses
         paths.setdefault(operation.path, {})[operation.method.lower()] = described
@@ -124,8 +159,11 @@ def build_document(operations: Operations) -> dict[str, Any]:
             "title": "chat-gateway admin API",
             "version": "1",
             "description": (
-                "Inspect users, block and unblock them, read their audit trail. Disabled (503 "
-                "`admin_disabled`) while GATEWAY_ADMIN_TOKEN is unset. Errors are OpenAI-shaped."
+                "Inspect users, block and unblock them, read their audit trail, manage operators. "
+                "Each operation names the lowest role that may call it (`x-role`): `viewer` reads, "
+                "`moderator` also acts on users, `admin` also manages operators. Disabled (503 "
+                "`admin_disabled`) while GATEWAY_ADMIN_TOKEN is unset and no operator is stored. "
+                "Errors are OpenAI-shaped."
             ),
         },
         "servers": [{"url": "/admin"}],
@@ -133,7 +171,11 @@ def build_document(operations: Operations) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "GATEWAY_ADMIN_TOKEN"},
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An operator's token, or GATEWAY_ADMIN_TOKEN (the built-in operator `admin`).",
+                },
             },
             "responses": {
                 "BadRequest": _response(
@@ -144,9 +186,15 @@ def build_document(operations: Operations) -> dict[str, Any]:
                 "Unauthorized": _response(
                     "Missing or wrong bearer token (`error.code`: `invalid_admin_token`).", error
                 ),
-                "NotFound": _response(
-                    "The gateway has never recorded this user (`error.code`: `user_not_found`).", error
+                "Forbidden": _response(
+                    "The operator's role is below the operation's (`error.code`: `insufficient_role`).", error
                 ),
+                "NotFound": _response(
+                    "The gateway has never recorded this user (`error.code`: `user_not_found`), or no such "
+                    "operator is stored (`operator_not_found`).",
+                    error,
+                ),
+                "Conflict": _response("An operator of that name exists (`error.code`: `operator_exists`).", error),
                 "TooLarge": _response(
                     f"The body is over {MAX_BODY_BYTES} bytes (`error.code`: `request_too_large`).", error
                 ),

@@ -38,6 +38,7 @@ from gateway.database import Database
 from gateway.exposition import Exposition
 from gateway.jsonpost import JsonPoster
 from gateway.logs import configure_logging
+from gateway.operators import Operators
 from gateway.proxy import Upstream
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Policy, Store
@@ -187,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     database = Database(settings)
     block_cache = BlockCache(statement_cache=settings.db_statement_cache)
     store = Store(database, Policy.from_settings(settings), block_cache)
+    operators = Operators(database, settings)
     detectors = build_detectors(settings, upstream)
     sweeper = ExpirySweeper(store)
     exposition = Exposition.for_workers(settings.workers)
@@ -243,7 +245,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-            _mount("/admin", admin_app(store, settings)),
+            _mount("/admin", admin_app(store, settings, operators=operators)),
         ],
         lifespan=lifespan,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _server_error},
@@ -276,5 +278,6 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app = Gateway(v1, site, settings)
     app.state.settings = settings
     app.state.store = store
+    app.state.operators = operators
     app.state.upstream = upstream
     return app

@@ -114,6 +114,11 @@ class Store:
 
     # -- connections ---------------------------------------------------------------------------
 
+    @property
+    def database(self) -> Database:
+        """The database the store is kept in (the admin API's operators live there too)."""
+        return self._db
+
     def _connection(self) -> AbstractAsyncContextManager[Connection]:
         return self._db.connection()
 

@@ -17,6 +17,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from gateway.admin import OPENAPI, AdminAPI, admin_app
 from gateway.app import create_app
 from gateway.database import Database
+from gateway.operators import Operators
 from gateway.settings import Settings, settings_from
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, Policy, Store, encode_cursor
 from gateway.throttle import AuthThrottle
@@ -153,21 +154,38 @@ def seconds_until(iso: str) -> float:
 
 
 @pytest.mark.parametrize("token", [None, ""])
-async def test_every_call_is_503_while_the_admin_token_is_unset(token: str | None) -> None:
-    settings = settings_from(admin_token=token)
+async def test_every_call_is_503_while_no_admin_token_is_set_and_no_operator_is_stored(
+    token: str | None, store: Store, settings_factory: SettingsFactory
+) -> None:
+    settings = settings_factory(admin_token=token)
+    calls = [
+        ("GET", "/admin/users/u"),
+        ("PUT", "/admin/block/u"),
+        ("PUT", "/admin/unblock/u"),
+        ("GET", "/admin/users"),
+        ("GET", "/admin/users/u/events"),
+        ("GET", "/admin/stats"),
+        ("GET", "/admin/openapi.json"),
+        ("GET", "/admin/nothing-here"),
+    ]
+    async with client_for(admin_app(store, settings), auth=False) as client:
+        for method, url in calls:
+            for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {TOKEN}"}):
+                check_error(await client.request(method, url, headers=headers), 503, "admin_disabled")
+        # Once an operator is stored the API serves: the schema to anyone, the rest to a token.
+        _, operator_token = await Operators(store.database, settings).add("dana", "viewer", by="test")
+        assert (await client.get("/admin/openapi.json")).json() == OPENAPI
+        check_error(await client.get("/admin/stats"), 401, "invalid_admin_token")
+        stats = await client.get("/admin/stats", headers={"Authorization": f"Bearer {operator_token}"})
+        check(stats, 200, "Stats")
+
+
+async def test_without_an_admin_token_a_database_that_cannot_answer_is_503_store_unavailable() -> None:
+    # Whether an operator is stored cannot be known: the answer says why, not "disabled".
+    settings = settings_from(database_url="postgresql://127.0.0.1:9/none")
     async with client_for(admin_app(closed_store(settings), settings)) as client:
-        for method, url in [
-            ("GET", "/admin/users/u"),
-            ("PUT", "/admin/block/u"),
-            ("PUT", "/admin/unblock/u"),
-            ("GET", "/admin/users"),
-            ("GET", "/admin/users/u/events"),
-            ("GET", "/admin/stats"),
-            ("GET", "/admin/openapi.json"),
-            ("GET", "/admin/nothing-here"),
-        ]:
-            response = await client.request(method, url)
-            check_error(response, 503, "admin_disabled")
+        check_error(await client.get("/admin/stats"), 503, "store_unavailable")
+        check_error(await client.get("/admin/openapi.json"), 503, "store_unavailable")
 
 
 @pytest.mark.parametrize(
