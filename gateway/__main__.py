@@ -1,4 +1,4 @@
-"""`python -m gateway [serve|migrate|demo|policy]` (also the console script `chat-gateway`)."""
+"""`python -m gateway [serve|migrate|demo|policy|operators]` (also the console script `chat-gateway`)."""
 
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.replay import policy_command
 
         return policy_command(argv[1:])
+    if argv[:1] == ["operators"]:
+        from gateway.operators import operators_command
+
+        return operators_command(argv[1:])
     parser = argparse.ArgumentParser(prog="chat-gateway", description="Moderation gateway for the OpenAI API.")
     parser.add_argument(
         "command",
