@@ -39,10 +39,9 @@ from gateway.admin_models import (
     UserList,
     UserParams,
     UserStatus,
-    read_body,
-    read_params,
 )
 from gateway.admin_openapi import Operation, Operations, build_document
+from gateway.admin_requests import read_body, read_params
 from gateway.operators import Operator, Operators, require
 from gateway.settings import Settings
 from gateway.store import Store

@@ -1,8 +1,8 @@
 """The admin API's wire format: its parameters, bodies and answers as pydantic models.
 
-The same models check what a client sends (a bad value is a 400 `invalid_request`, or
-`invalid_user_id`, whose `param` names the field) and make the OpenAPI document
-(`gateway.admin_openapi`), so the two cannot drift apart.
+The same models check what a client sends (`gateway.admin_requests` reads a request into them:
+a bad value is a 400 `invalid_request`, or `invalid_user_id`, whose `param` names the field) and
+make the OpenAPI document (`gateway.admin_openapi`), so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,28 +11,23 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes
 
-import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
-from starlette.requests import Request
+from pydantic_core import PydanticCustomError
 
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, decode_cursor
-from middleware.errors import GatewayError
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 MAX_REASON = 1000
 DEFAULT_LIMIT = 100
-MAX_BODY_BYTES = 64 * 1024
 _DIGITS = re.compile(r"[0-9]{1,7}")
 
 
@@ -292,72 +287,3 @@ class Error(BaseModel):
     """An OpenAI-shaped error."""
 
     error: ErrorDetail
-
-
-# --- reading a request into its models ------------------------------------------------------
-
-
-def read_params[P: BaseModel](model: type[P], request: Request) -> P:
-    """The path and query parameters as `model`; unknown or repeated query parameters are refused."""
-    path: dict[str, Any] = dict(request.path_params)
-    values = dict(path)
-    refusals: list[tuple[int, GatewayError]] = []  # (rank, refusal): a bad path is said first
-    for key, value in request.query_params.multi_items():
-        if key in path or key not in model.model_fields:
-            expected = ", ".join(name for name in model.model_fields if name not in path) or "none here"
-            refusals.append((1, _invalid(key, f"Unknown query parameter {key!r}: expected {expected}.")))
-        elif key in values:
-            refusals.append((1, _invalid(key, f"Query parameter {key!r} given more than once.")))
-        else:
-            values[key] = value
-    try:
-        params = model.model_validate(values)
-    except ValidationError as exc:
-        for error in exc.errors():
-            refusals.append((0 if error["loc"] and error["loc"][0] in path else 2, _refusal(error)))
-    else:
-        if not refusals:
-            return params
-    raise min(refusals, key=lambda refusal: refusal[0])[1]
-
-
-async def read_body[B: BaseModel](model: type[B], request: Request) -> B:
-    """The JSON object body as `model`; no body at all is `{}`."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise GatewayError(413, "request_too_large", f"An admin request body is at most {MAX_BODY_BYTES} bytes.")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    expected = f"expected a JSON object with {', '.join(model.model_fields)}, or no body"
-    data: object = {}
-    if raw.strip():
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise GatewayError(400, "invalid_json", f"The body is not valid JSON: {expected}.") from None
-        if not isinstance(data, dict):
-            raise GatewayError(400, "invalid_json", f"The body is not a JSON object: {expected}.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        # An unknown field first: it is most likely a typo of the field that seemed wrong.
-        error = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    if error["type"] == "extra_forbidden":
-        key = str(error["loc"][0])
-        raise _invalid(key, f"Unknown field {key!r}: {expected}.")
-    raise _refusal(error)
-
-
-def _refusal(error: ErrorDetails) -> GatewayError:
-    param = str(error["loc"][0]) if error["loc"] else None
-    if error["type"] in ("invalid_request", "invalid_user_id"):
-        return GatewayError(400, error["type"], error["msg"], param=param)
-    message = error["msg"]
-    return _invalid(param, f"Invalid {param}: {message[:1].lower()}{message[1:]}.")
-
-
-def _invalid(param: str | None, message: str) -> GatewayError:
-    return GatewayError(400, "invalid_request", message, param=param)
