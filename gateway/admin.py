@@ -28,11 +28,17 @@ from starlette.routing import Match, Route
 from starlette.websockets import WebSocketClose
 
 from gateway.admin_models import (
+    AddedOperator,
     BlockRequest,
     Event,
     EventList,
     ListUsersParams,
+    NewOperator,
     NoParams,
+    OperatorInfo,
+    OperatorList,
+    OperatorParams,
+    RemovedOperator,
     Stats,
     UnblockRequest,
     UserEventsParams,
@@ -42,7 +48,7 @@ from gateway.admin_models import (
 )
 from gateway.admin_openapi import Operation, Operations, build_document
 from gateway.admin_requests import read_body, read_params
-from gateway.operators import Operator, Operators, require
+from gateway.operators import Operator, OperatorExists, Operators, require
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.throttle import AuthThrottle
@@ -246,6 +252,59 @@ class AdminAPI:
     )
     async def _stats(self, params: NoParams, body: None, operator: Operator) -> Stats:
         return Stats.model_validate(await self._store.stats())
+
+    @operations(
+        "GET",
+        "/operators",
+        "listOperators",
+        "The operators and their roles",
+        params=NoParams,
+        response=OperatorList,
+        role="admin",
+    )
+    async def _list_operators(self, params: NoParams, body: None, operator: Operator) -> OperatorList:
+        listed = await self._operators.list()
+        return OperatorList(data=[OperatorInfo.model_validate(record.to_json()) for record in listed])
+
+    @operations(
+        "POST",
+        "/operators",
+        "addOperator",
+        "Add an operator; the answer holds its token, shown this once",
+        params=NoParams,
+        body=NewOperator,
+        response=AddedOperator,
+        role="admin",
+        status=201,
+        conflict=True,
+    )
+    async def _add_operator(self, params: NoParams, body: NewOperator, operator: Operator) -> AddedOperator:
+        try:
+            record, token = await self._operators.add(body.name, body.role, by=operator.name)
+        except OperatorExists:
+            raise GatewayError(
+                409,
+                "operator_exists",
+                f"An operator named {body.name} exists: remove it first to give the name a new token or role.",
+                param="name",
+            ) from None
+        return AddedOperator.model_validate({**record.to_json(), "token": token})
+
+    @operations(
+        "DELETE",
+        "/operators/{name}",
+        "removeOperator",
+        "Remove an operator: its token and console sessions stop working at once",
+        params=OperatorParams,
+        response=RemovedOperator,
+        role="admin",
+        not_found=True,
+    )
+    async def _remove_operator(self, params: OperatorParams, body: None, operator: Operator) -> RemovedOperator:
+        removed = await self._operators.remove(params.name, by=operator.name)
+        if removed is None:
+            raise GatewayError(404, "operator_not_found", f"No operator named {params.name} is stored.")
+        return RemovedOperator.model_validate(removed.to_json())
 
 
 OPENAPI = build_document(operations)

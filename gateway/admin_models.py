@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.operators import BUILTIN, MAX_NAME, NAME_RULE, Role, name_problem
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, decode_cursor
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
@@ -77,6 +78,17 @@ def _without_nul(value: str) -> str:
     if "\x00" in value:
         raise _refused("reason must not hold NUL characters.")
     return value
+
+
+def _operator_name(raw: object) -> object:
+    """An operator's name, in a body or a path segment (a valid name needs no percent-encoding)."""
+    if not isinstance(raw, str):
+        return raw
+    problem = name_problem(raw)
+    if problem is not None:
+        shown = raw if len(raw) <= MAX_NAME + 8 else raw[:MAX_NAME] + "..."
+        raise _refused(f"The operator name {shown!r} is refused: {problem}.")
+    return raw
 
 
 def never_null(schema: dict[str, Any]) -> None:
@@ -143,6 +155,26 @@ class ListUsersParams(_Strict):
         return value
 
 
+OperatorName = Annotated[
+    str,
+    BeforeValidator(_operator_name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^[a-z0-9][a-z0-9_-]*$",
+            "minLength": 1,
+            "maxLength": MAX_NAME,
+            "not": {"const": BUILTIN},
+            "description": f"{NAME_RULE}; not `{BUILTIN}`, the built-in operator of GATEWAY_ADMIN_TOKEN.",
+        }
+    ),
+]
+
+
+class OperatorParams(_Strict):
+    name: OperatorName
+
+
 # --- request bodies -------------------------------------------------------------------------
 
 Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_without_nul)]
@@ -184,6 +216,13 @@ class BlockRequest(_Strict):
 
 class UnblockRequest(_Strict):
     reason: Reason | None = Field(default=None, description=_REASON)
+
+
+class NewOperator(_Strict):
+    """The answer holds the new operator's token, shown this once: only its hash is stored."""
+
+    name: OperatorName
+    role: Role = Field(description="viewer reads; moderator also acts on users; admin also manages operators.")
 
 
 # --- answers --------------------------------------------------------------------------------
@@ -272,6 +311,38 @@ class Stats(_StoreAnswer):
     blocks_24h: int = Field(ge=0)
     violations_by_category_24h: dict[str, Annotated[int, Field(ge=0)]]
     shadow_violations_24h: int = Field(ge=0, description="Violations recorded in shadow mode (no strike).")
+
+
+class OperatorInfo(_Answer):
+    """An operator."""
+
+    name: str
+    role: Role
+    builtin: bool = Field(description="The built-in operator `admin` of GATEWAY_ADMIN_TOKEN (not stored).")
+    created_at: Time | None = Field(description="Null for the built-in operator.")
+    created_by: str | None = Field(
+        description="The operator who added it, or `cli:` and the account that ran the command."
+    )
+    last_seen_at: Time | None = Field(description="Its latest call, to the minute; null if none yet (or built in).")
+
+
+class OperatorList(_Answer):
+    """The built-in operator (when GATEWAY_ADMIN_TOKEN is set), then the stored ones by name."""
+
+    data: list[OperatorInfo]
+
+
+class AddedOperator(OperatorInfo):
+    """The operator added, with its token: shown this once, never again."""
+
+    token: str = Field(description="Its bearer token; store it now, only a hash of it is kept.")
+
+
+class RemovedOperator(OperatorInfo):
+    """The operator removed: its token and console sessions no longer work."""
+
+    removed_at: Time
+    removed_by: str
 
 
 class ErrorDetail(BaseModel):

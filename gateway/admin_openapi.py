@@ -136,7 +136,8 @@ def build_document(operations: Operations) -> dict[str, Any]:
             if operation.body.__doc__:
                 description.append(_doc(operation.body))
             schema = refs[(operation.body, "validation")]
-            described["requestBody"] = {"required": False, "content": {"application/json": {"schema": schema}}}
+            required = any(field.is_required() for field in operation.body.model_fields.values())
+            described["requestBody"] = {"required": required, "content": {"application/json": {"schema": schema}}}
             responses["413"] = {"$ref": "#/components/responses/TooLarge"}
         described["description"] = "\n\n".join(description)
         responses["503"] = {"$ref": "#/components/responses/Unavailable"}
