@@ -1,4 +1,4 @@
-"""The admin REST API (`/admin`): user status, block, unblock, user listing, audit events, stats.
+"""The admin REST API (`/admin`): users, blocks, audit events, notes, stats and operators.
 
 Every call but the OpenAPI document is made by an operator bearing a token (gateway/operators.py)
 and needs the role its operation declares.
@@ -35,6 +35,7 @@ from gateway.admin_models import (
     ListUsersParams,
     NewOperator,
     NoParams,
+    NoteRequest,
     OperatorInfo,
     OperatorList,
     OperatorParams,
@@ -240,6 +241,21 @@ class AdminAPI:
     async def _unblock(self, params: UserParams, body: UnblockRequest, operator: Operator) -> UserStatus:
         status = _known(await self._store.unblock(params.user_id, reason=body.reason, operator=operator.name))
         return UserStatus.model_validate(status.to_json())
+
+    @operations(
+        "POST",
+        "/users/{user_id}/notes",
+        "addNote",
+        "Add a moderator's note to a user's timeline",
+        params=UserParams,
+        body=NoteRequest,
+        response=Event,
+        role="moderator",
+        status=201,
+        not_found=True,
+    )
+    async def _add_note(self, params: UserParams, body: NoteRequest, operator: Operator) -> Event:
+        return Event.model_validate(_known(await self._store.add_note(params.user_id, operator.name, body.text)))
 
     @operations(
         "GET",

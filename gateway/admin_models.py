@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.events import MAX_NOTE
 from gateway.operators import BUILTIN, MAX_NAME, NAME_RULE, Role, name_problem
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, decode_cursor
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
@@ -218,6 +219,20 @@ class UnblockRequest(_Strict):
     reason: Reason | None = Field(default=None, description=_REASON)
 
 
+def _words(value: str) -> str:
+    if not value.strip():
+        raise _refused("text must hold some words, not only spaces.")
+    return _without_nul(value)
+
+
+class NoteRequest(_Strict):
+    """A moderator's note: the user's timeline lists it as an event of type `note`."""
+
+    text: Annotated[str, Field(min_length=1, max_length=MAX_NOTE), AfterValidator(_words)] = Field(
+        description="The moderator's words, kept in the audit trail (no NUL characters)."
+    )
+
+
 class NewOperator(_Strict):
     """The answer holds the new operator's token, shown this once: only its hash is stored."""
 
@@ -276,7 +291,8 @@ class Event(_StoreAnswer):
     """One event of a user's audit trail.
 
     Violations carry categories, detector, rule, path, text_sha256, scores, shadow; blocks and
-    unblocks carry actor, operator, reason, block_number, blocked_until, permanent.
+    unblocks carry actor, operator, reason, block_number, blocked_until, permanent; notes carry
+    operator and text.
     """
 
     id: int
@@ -292,6 +308,7 @@ class Event(_StoreAnswer):
     actor: Literal["admin", "policy", "expiry"] | None = None
     operator: str | None = Field(default=None, description="The operator who acted; null for the policy and expiry.")
     reason: str | None = None
+    text: str | None = Field(default=None, description="A note's words: a moderator's, never the user's.")
     block_number: int | None = None
     blocked_until: Time | None = None
     permanent: bool = False

@@ -1,4 +1,4 @@
-"""Reading the audit trail (`events`): a user's timeline and the 24-hour statistics.
+"""Reading the audit trail (`events`): a user's timeline and the 24-hour statistics; a moderator's notes.
 
 The store writes events inside its transactions; what is only read lives here. Event kinds:
 `violation` (refused, or recorded in shadow mode), `warning` (refused, no points),
@@ -18,6 +18,7 @@ type Connection = PoolConnectionProxy[asyncpg.Record]
 
 VIOLATION_KINDS = ("violation", "warning", "output_violation")
 STATE_KINDS = ("block", "unblock")
+MAX_NOTE = 4000
 
 _EVENTS = """
 SELECT id, kind, at, shadow, counted, categories, detector, rule, path, text_sha256, scores, app,
@@ -28,6 +29,12 @@ SELECT id, kind, at, shadow, counted, categories, detector, rule, path, text_sha
     reversed_at, reversed_by, reverse_reason
 FROM events WHERE user_id = $1
 ORDER BY at DESC, id DESC LIMIT $2
+"""
+# A note's words go in `reason`: the moderator's text, as a block's reason is.
+_ADD_NOTE = """
+INSERT INTO events (user_id, kind, operator, reason)
+SELECT user_id, 'note', $2, $3 FROM users WHERE user_id = $1
+RETURNING id, kind, at, operator, reason
 """
 _STATS = """
 SELECT
@@ -56,6 +63,14 @@ def iso(moment: datetime | None) -> str | None:
 async def user_events(conn: Connection, user_id: str, limit: int) -> list[dict[str, Any]]:
     """The user's events, newest first, as the admin API shows them."""
     return [event_json(row) for row in await conn.fetch(_EVENTS, user_id, limit)]
+
+
+async def add_note(conn: Connection, user_id: str, operator: str, text: str) -> dict[str, Any] | None:
+    """Add a moderator's note to a known user's timeline: the event, or None if the user is unknown."""
+    if not text.strip() or "\x00" in text or len(text) > MAX_NOTE:
+        raise ValueError(f"a note is 1 to {MAX_NOTE} characters of text without NUL")
+    row = await conn.fetchrow(_ADD_NOTE, user_id, operator, text)
+    return None if row is None else event_json(row)
 
 
 async def stats(conn: Connection) -> dict[str, Any]:
@@ -90,6 +105,8 @@ def event_json(row: asyncpg.Record) -> dict[str, Any]:
             expires_at=iso(row["expires"]),
             app=row["app"],
         )
+    elif kind == "note":
+        event.update(operator=row["operator"], text=row["reason"])
     else:
         event.update(actor=row["actor"], operator=row["operator"], reason=row["reason"])
     if kind in STATE_KINDS:

@@ -334,6 +334,11 @@ class Store:
             expired, found = await self._read(work)
         return found
 
+    async def add_note(self, user_id: str, operator: str, text: str) -> dict[str, Any] | None:
+        """A moderator's note on the user's timeline (an event of type `note`); None if the user is unknown."""
+        async with self._connection() as conn:
+            return await events.add_note(conn, user_id, operator, text)
+
     async def stats(self) -> dict[str, Any]:
         """The admin API's 24-hour statistics (gateway/events.py)."""
         return await self._read(events.stats)

@@ -63,6 +63,9 @@ def test_every_operation_declares_a_role_and_the_document_states_it() -> None:
     assert roles[("GET", "/users")] == roles[("GET", "/users/{user_id}")] == "viewer"
     assert roles[("GET", "/users/{user_id}/events")] == roles[("GET", "/stats")] == "viewer"
     assert roles[("PUT", "/block/{user_id}")] == roles[("PUT", "/unblock/{user_id}")] == "moderator"
+    assert roles[("POST", "/users/{user_id}/notes")] == "moderator"
+    assert roles[("GET", "/operators")] == roles[("POST", "/operators")] == roles[("DELETE", "/operators/{name}")]
+    assert roles[("GET", "/operators")] == "admin"
 
 
 @pytest.mark.parametrize("role", ROLES)

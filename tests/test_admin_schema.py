@@ -37,7 +37,7 @@ def test_generated_admin_calls_never_fail_and_match_the_schema(settings_factory:
             assert httpx2.put(f"{url}/admin/block/{user}", headers=ADMIN, json={"seconds": 60}).status_code == 200
         schema = schemathesis.openapi.from_url(f"{url}/admin/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
-        assert len(operations) == 9
+        assert len(operations) == 10
         checks = [check for check in CHECKS.get_all() if check.__name__ in _CHECKS]
         assert len(checks) == len(_CHECKS)
         calls: list[int] = []
