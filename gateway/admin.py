@@ -102,6 +102,12 @@ class AdminAPI:
         await response(scope, receive, send)
 
     async def _respond(self, scope: Scope, receive: Receive) -> Response:
+        if not self._operators.switched_on:
+            raise GatewayError(
+                503,
+                "admin_disabled",
+                "The admin API is switched off on this gateway (GATEWAY_ADMIN=off): use one that serves it.",
+            )
         probe = {"type": "http", "path": _encoded_route_path(scope), "root_path": "", "method": scope["method"]}
         endpoint: Endpoint | None = None
         params: dict[str, Any] = {}

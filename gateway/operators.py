@@ -152,10 +152,14 @@ class OperatorExists(Exception):
 
 
 class Operators:
-    """The operators of one gateway: the stored ones and the built-in `admin`."""
+    """The operators of one gateway: the stored ones and the built-in `admin`.
+
+    With GATEWAY_ADMIN=off there are none: nobody authenticates and nobody is current.
+    """
 
     def __init__(self, database: Database, settings: Settings) -> None:
         self._db = database
+        self.switched_on = settings.admin
         token = settings.admin_token.get_secret_value().encode() if settings.admin_token else b""
         # An empty token would match "Bearer " from anyone: it is no token.
         self._builtin_sha256 = hashlib.sha256(token).digest() if token else None
@@ -164,10 +168,12 @@ class Operators:
     @property
     def builtin(self) -> Operator | None:
         """The built-in `admin` (GATEWAY_ADMIN_TOKEN), None when the token is unset."""
-        return self._builtin
+        return self._builtin if self.switched_on else None
 
     async def enabled(self) -> bool:
-        """Whether /admin serves: the built-in token is set or an operator is stored."""
+        """Whether /admin serves: switched on, with the built-in token set or an operator stored."""
+        if not self.switched_on:
+            return False
         if self._builtin is not None:
             return True
 
@@ -178,6 +184,8 @@ class Operators:
 
     async def authenticate(self, token: str | bytes) -> Operator | None:
         """The operator holding `token`, or None; no answer's timing depends on the token's bytes."""
+        if not self.switched_on:
+            return None
         raw = (token.encode() if isinstance(token, str) else token).strip()
         digest = hashlib.sha256(raw).digest()
         # Digests of equal length, compared in full whatever they hold.
@@ -197,6 +205,8 @@ class Operators:
 
     async def current(self, name: str, generation: int) -> Operator | None:
         """The operator `name` as it is now, if it is still the one of `generation`; None once removed."""
+        if not self.switched_on:
+            return None
         if name == BUILTIN:
             builtin = self._builtin
             return builtin if builtin is not None and builtin.generation == generation else None

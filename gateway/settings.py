@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     max_strikes: int = Field(3, ge=1)
     block_seconds: float = Field(86400.0, gt=0)
     admin_token: SecretStr | None = None
+    # `off`: /admin answers 503 admin_disabled whatever the token and the stored operators say
+    # (pods that serve only /v1 set it: the operators live in the database they share).
+    admin: bool = True
     moderation: Annotated[tuple[str, ...], NoDecode] = ("openai",)
     rules_file: Path = DEFAULT_RULES_FILE
     moderation_url: str | None = None

@@ -180,6 +180,26 @@ async def test_every_call_is_503_while_no_admin_token_is_set_and_no_operator_is_
         check(stats, 200, "Stats")
 
 
+@pytest.mark.parametrize("value", ["off", "false", "OFF", "0"])
+async def test_switched_off_every_call_is_503_whatever_the_token_and_the_operators(
+    value: str, store: Store, settings_factory: SettingsFactory
+) -> None:
+    _, operator_token = await Operators(store.database, settings_factory()).add("dana", "admin", by="test")
+    settings = settings_factory(admin=value, admin_token=TOKEN)
+    assert settings.admin is False
+    for api in (admin_app(store, settings), admin_app(closed_store(settings), settings)):
+        async with client_for(api) as client:
+            for token in (TOKEN, operator_token, "admin-secret"):
+                for method, url in [
+                    ("GET", "/admin/stats"),
+                    ("GET", "/admin/openapi.json"),
+                    ("POST", "/admin/operators"),
+                ]:
+                    response = await client.request(method, url, headers={"Authorization": f"Bearer {token}"})
+                    error = check_error(response, 503, "admin_disabled")
+                    assert "GATEWAY_ADMIN=off" in error["message"]
+
+
 async def test_without_an_admin_token_a_database_that_cannot_answer_is_503_store_unavailable() -> None:
     # Whether an operator is stored cannot be known: the answer says why, not "disabled".
     settings = settings_from(database_url="postgresql://127.0.0.1:9/none")

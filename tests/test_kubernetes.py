@@ -27,9 +27,11 @@ import pytest
 import yaml
 
 from gateway.app import create_app
+from gateway.database import Database
+from gateway.operators import Operators
 from gateway.settings import Settings, settings_from, variable_name
 from loadtests.harness import child_env, free_port
-from tests.conftest import SettingsFactory
+from tests.conftest import SettingsFactory, run_sync
 from tests.servers import run_app, stop_process
 from tests.upstream import MockUpstream
 
@@ -282,7 +284,10 @@ def test_only_the_admin_pods_hold_the_admin_token_and_only_operators_reach_them(
     proxy, admin = _one("Deployment", "chat-gateway"), _one("Deployment", "chat-gateway-admin")
     assert "GATEWAY_ADMIN_TOKEN" not in _environment(proxy)
     assert _settings(proxy).admin_token is None
+    # Stored operators would open /admin without any token: the switch keeps it off.
+    assert _settings(proxy).admin is False
     assert "GATEWAY_ADMIN_TOKEN" in _environment(admin)
+    assert _settings(admin).admin is True
     policies = {item["metadata"]["name"]: item for item in _resources() if item["kind"] == "NetworkPolicy"}
     for deployment, policy_name, client_label in (
         (proxy, "chat-gateway", "chat-gateway/client"),
@@ -312,12 +317,28 @@ def test_the_probes_and_the_metrics_path_answer_on_a_gateway_with_these_settings
     paths = [container[probe]["httpGet"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")]
     assert {path["port"] for path in paths} == {"http"}
     paths.append({"path": deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]})
+    # An operator stored in the database both Deployments share.
+    operator = run_sync(_add_operator(settings))
     with run_app(create_app(settings)) as base:
         for probe in paths:
             assert httpx2.get(base + probe["path"]).status_code == 200, probe["path"]
-        admin = httpx2.get(f"{base}/admin/users/alice", headers={"Authorization": f"Bearer {token or 'a guess'}"})
-    # The proxy pods have no admin API at all; the admin pods answer with their token.
-    assert admin.json()["error"]["code"] == ("user_not_found" if token else "admin_disabled")
+        answers = [
+            httpx2.get(f"{base}/admin/users/alice", headers={"Authorization": f"Bearer {bearer}"})
+            for bearer in (token or "a guess", operator)
+        ]
+    # The proxy pods have no admin API at all, for the operators too; the admin pods answer both.
+    codes = [answer.json()["error"]["code"] for answer in answers]
+    assert codes == (["user_not_found"] * 2 if token else ["admin_disabled"] * 2)
+
+
+async def _add_operator(settings: Settings) -> str:
+    database = Database(settings)
+    await database.open()
+    try:
+        _, token = await Operators(database, settings).add("dana", "viewer", by="test")
+    finally:
+        await database.close()
+    return token
 
 
 # --- a read-only root filesystem ----------------------------------------------------------------

@@ -211,6 +211,17 @@ async def test_enabled_means_a_token_or_an_operator(operators: Operators) -> Non
     assert await operators.enabled() is False
 
 
+async def test_switched_off_nobody_authenticates(settings_factory: SettingsFactory) -> None:
+    async with open_operators(settings_factory) as on:
+        record, token = await on.add("dana", "admin", by="test")
+    async with open_operators(settings_factory, admin="off", admin_token="admin-secret") as off:
+        assert await off.enabled() is False
+        assert await off.authenticate(token) is None
+        assert await off.authenticate("admin-secret") is None
+        assert await off.current("dana", record.generation) is None
+        assert off.builtin is None
+
+
 async def test_the_built_in_token_works_while_the_database_is_down(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(admin_token="admin-secret", database_url="postgresql://127.0.0.1:9/none")
     operators = Operators(Database(settings), settings)

@@ -89,6 +89,7 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
         ("GATEWAY_BODY_TIMEOUT", "inf", "GATEWAY_BODY_TIMEOUT: Input should be a finite number"),
         ("GATEWAY_BODY_MIN_RATE", "-1", "GATEWAY_BODY_MIN_RATE: Input should be greater than or equal to 0"),
         ("GATEWAY_BODY_MIN_RATE", "fast", "GATEWAY_BODY_MIN_RATE: Input should be a valid number"),
+        ("GATEWAY_ADMIN", "maybe", "GATEWAY_ADMIN: Input should be a valid boolean"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(
