@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "migrate", "demo", "policy"],
+        choices=["serve", "migrate", "demo", "policy", "operators"],
         help=(
             "serve (default): run the gateway; migrate: apply the database schema and exit; "
             "demo: run a fake upstream, an embedded PostgreSQL and the gateway, and show a user get blocked; "
-            "policy check|replay FILE: validate an enforcement policy file, or replay recent violations under it"
+            "policy check|replay FILE: validate an enforcement policy file, or replay recent violations under it; "
+            "operators add|list|remove: manage who may use the admin API, and their roles"
         ),
     )
     args = parser.parse_args(argv)
