@@ -31,6 +31,15 @@ TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 SettingsFactory = Callable[..., Settings]
+# A call of each user route, all answered by the store.
+STORE_CALLS = [
+    ("GET", "/admin/users/u"),
+    ("PUT", "/admin/block/u"),
+    ("PUT", "/admin/unblock/u"),
+    ("GET", "/admin/users"),
+    ("GET", "/admin/users/u/events"),
+    ("GET", "/admin/stats"),
+]
 
 
 def client_for(
@@ -158,16 +167,7 @@ async def test_every_call_is_503_while_no_admin_token_is_set_and_no_operator_is_
     token: str | None, store: Store, settings_factory: SettingsFactory
 ) -> None:
     settings = settings_factory(admin_token=token)
-    calls = [
-        ("GET", "/admin/users/u"),
-        ("PUT", "/admin/block/u"),
-        ("PUT", "/admin/unblock/u"),
-        ("GET", "/admin/users"),
-        ("GET", "/admin/users/u/events"),
-        ("GET", "/admin/stats"),
-        ("GET", "/admin/openapi.json"),
-        ("GET", "/admin/nothing-here"),
-    ]
+    calls = [*STORE_CALLS, ("GET", "/admin/openapi.json"), ("GET", "/admin/nothing-here")]
     async with client_for(admin_app(store, settings), auth=False) as client:
         for method, url in calls:
             for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {TOKEN}"}):
@@ -411,14 +411,7 @@ def test_user_id_rules_match_the_user_header() -> None:
 
 
 async def test_every_store_call_is_503_when_the_database_cannot_answer(offline: httpx2.AsyncClient) -> None:
-    for method, url in [
-        ("GET", "/admin/users/u"),
-        ("PUT", "/admin/block/u"),
-        ("PUT", "/admin/unblock/u"),
-        ("GET", "/admin/users"),
-        ("GET", "/admin/users/u/events"),
-        ("GET", "/admin/stats"),
-    ]:
+    for method, url in STORE_CALLS:
         response = await offline.request(method, url)
         check_error(response, 503, "store_unavailable")
         assert response.headers["content-type"] == "application/json"
