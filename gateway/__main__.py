@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return policy_command(argv[1:])
     if argv[:1] == ["operators"]:
-        from gateway.operators import operators_command
+        from gateway.operators_cli import operators_command
 
         return operators_command(argv[1:])
     parser = argparse.ArgumentParser(prog="chat-gateway", description="Moderation gateway for the OpenAI API.")

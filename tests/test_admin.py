@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -168,12 +169,16 @@ async def test_every_call_is_503_while_no_admin_token_is_set_and_no_operator_is_
 ) -> None:
     settings = settings_factory(admin_token=token)
     calls = [*STORE_CALLS, ("GET", "/admin/openapi.json"), ("GET", "/admin/nothing-here")]
-    async with client_for(admin_app(store, settings), auth=False) as client:
+    # Whether an operator exists is remembered for a moment (calls without a token must not each
+    # take a database connection): a short moment here, so the operator added below shows.
+    operators = Operators(store.database, settings, enabled_ttl=0.2)
+    async with client_for(admin_app(store, settings, operators=operators), auth=False) as client:
         for method, url in calls:
             for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {TOKEN}"}):
                 check_error(await client.request(method, url, headers=headers), 503, "admin_disabled")
         # Once an operator is stored the API serves: the schema to anyone, the rest to a token.
         _, operator_token = await Operators(store.database, settings).add("dana", "viewer", by="test")
+        await asyncio.sleep(0.25)
         assert (await client.get("/admin/openapi.json")).json() == OPENAPI
         check_error(await client.get("/admin/stats"), 401, "invalid_admin_token")
         stats = await client.get("/admin/stats", headers={"Authorization": f"Bearer {operator_token}"})

@@ -211,6 +211,21 @@ async def test_enabled_means_a_token_or_an_operator(operators: Operators) -> Non
     assert await operators.enabled() is False
 
 
+async def test_whether_any_operator_exists_is_asked_of_the_database_once_a_second_at_most(
+    operators: Operators, settings_factory: SettingsFactory
+) -> None:
+    # Asked before a call is authenticated: calls without a token must not each take a pool
+    # connection. Another replica's change shows after the moment; this replica's own at once.
+    await operators.add("dana", "viewer", by="test")
+    async with open_operators(settings_factory) as replica:
+        replica._enabled_ttl = 0.3
+        assert await replica.enabled() is True
+        await operators.remove("dana", by="test")
+        assert await replica.enabled() is True  # remembered
+        await asyncio.sleep(0.35)
+        assert await replica.enabled() is False
+
+
 async def test_switched_off_nobody_authenticates(settings_factory: SettingsFactory) -> None:
     async with open_operators(settings_factory) as on:
         record, token = await on.add("dana", "admin", by="test")

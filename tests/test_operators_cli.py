@@ -15,7 +15,8 @@ import structlog
 
 from gateway.app import create_app
 from gateway.logs import access_log
-from gateway.operators import TOKEN_PREFIX, operators_command
+from gateway.operators import TOKEN_PREFIX
+from gateway.operators_cli import operators_command
 from loadtests.harness import child_env, free_port
 from tests.conftest import SettingsFactory
 from tests.servers import run_app
