@@ -8,12 +8,12 @@ holds a duplicate key, or names a url outside the Batch API's endpoints or a met
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import orjson
 
 from middleware import extract
+from middleware.bodies import has_duplicate_keys
 from middleware.errors import GatewayError
 from middleware.extract import Collector, Extractor
 
@@ -37,12 +37,12 @@ def read_batch(data: bytes, found: Collector, field: str) -> None:
     Raises GatewayError (400 invalid_request) for a file it cannot read as the Batch API would.
     """
     try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
+        data.decode("utf-8")
     except UnicodeDecodeError:
         raise _refused(field, "The batch file is not UTF-8 JSONL.") from None
     # Lines end at \n alone. A reader that also breaks them at U+2028, U+2029 or U+0085 finds only
     # broken JSON, never another request: JSON holds those characters inside strings only.
-    for number, line in enumerate(text.split("\n"), 1):
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         if not line.strip():
             continue
         request = _request(line, field, number)
@@ -62,34 +62,16 @@ def read_batch(data: bytes, found: Collector, field: str) -> None:
         found.merge(extractor(body), f"{field}:{number}:")
 
 
-def _request(line: str, field: str, number: int) -> dict[str, Any]:
+def _request(line: bytes, field: str, number: int) -> dict[str, Any]:
     try:
-        orjson.loads(line)  # strict: no NaN, no lone surrogates, one value
-        request = json.loads(line, object_pairs_hook=_unique)
-    except (orjson.JSONDecodeError, json.JSONDecodeError):
+        request = orjson.loads(line)  # strict: no NaN, no lone surrogates, one value
+    except orjson.JSONDecodeError:
         raise _refused(field, f"Line {number} of the batch file is not JSON.") from None
-    except _DuplicateKey as exc:
-        raise _refused(field, f"Line {number} of the batch file has the key {exc.key!r} twice.") from None
     if not isinstance(request, dict):
         raise _refused(field, f"Line {number} of the batch file is not a JSON object.")
+    if has_duplicate_keys(line, request):
+        raise _refused(field, f"Line {number} of the batch file holds a key twice in one object; send each key once.")
     return request
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # the gateway would judge the last of two equal keys; a reader that keeps the first runs the other
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return found
 
 
 def _refused(field: str, message: str) -> GatewayError:

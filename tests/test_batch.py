@@ -92,11 +92,11 @@ def test_blank_lines_crlf_and_a_byte_order_mark_are_fine() -> None:
         (b'"a string"', "not a JSON object"),
         (
             b'{"url": "/v1/completions", "method": "POST", "body": {"prompt": "judged", "prompt": "run"}}',
-            "the key 'prompt' twice",
+            "Line 1 of the batch file holds a key twice",
         ),
         (
             b'{"url": "/v1/embeddings", "url": "/v1/completions", "method": "POST", "body": {"prompt": "x"}}',
-            "the key 'url' twice",
+            "Line 1 of the batch file holds a key twice",
         ),
         (line("/v1/chat/completions/", {}), "url must be one of"),
         (line("/v1/assistants", {}), "url must be one of"),
@@ -112,6 +112,13 @@ def test_blank_lines_crlf_and_a_byte_order_mark_are_fine() -> None:
 )
 def test_a_file_read_two_ways_is_refused_with_its_line(data: bytes, why: str) -> None:
     assert why in refused(data)
+
+
+def test_duplicate_keys_are_found_however_spelled_and_colons_in_strings_are_not_keys() -> None:
+    escaped = b'{"url": "/v1/completions", "method": "POST", "body": {"prompt": "a", "\\u0070rompt": "b"}}'
+    assert "Line 1 of the batch file holds a key twice" in refused(escaped)
+    colons = line("/v1/completions", {"prompt": "a: b", "suffix": "\u003a:"})
+    assert judged(colons).texts == ("a: b", "::")
 
 
 def test_the_endpoints_are_the_batch_apis() -> None:
