@@ -11,6 +11,7 @@ and every other upload is named unjudgeable.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +38,10 @@ _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]+")
 _PLAIN_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
 _UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+# python-multipart logs a warning for each malformed body it refuses: the client reads why in its
+# 400 already, and the log must not be its to fill. Kept for what is the gateway's own fault.
+_PARSER_LOG = logging.getLogger("middleware.forms.multipart")
+_PARSER_LOG.setLevel(logging.ERROR)
 _MEDIA_FIELDS = frozenset({"image", "mask", "input_reference", "video"})
 _IMAGE_TYPES = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -84,6 +89,7 @@ def read_form(body: bytes, content_type: bytes) -> list[FormPart]:
         raise malformed("The multipart body must end with its closing boundary and nothing after it.")
     reader = _Reader()
     parser = MultipartParser(boundary, reader.callbacks())
+    parser.logger = _PARSER_LOG
     try:
         parser.write(body)
     except FormParserError as exc:

@@ -1,4 +1,5 @@
 import base64
+import logging
 
 import httpx2
 import pytest
@@ -184,6 +185,14 @@ def test_a_body_read_two_ways_is_refused(body: bytes, why: str) -> None:
 )
 def test_a_part_read_two_ways_is_refused(raw_part: bytes, why: str) -> None:
     assert why in refused(form(raw_part)).message
+
+
+def test_a_refused_form_writes_no_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    # python-multipart logs a warning for each body it refuses: a client could fill the log
+    caplog.set_level(logging.DEBUG)
+    for body in (b"--b0undaryX\r\n" + form(part("prompt", "x")), form(b"--b0undary\r\n folded: x\r\n\r\nx\r\n")):
+        assert "cannot be parsed" in refused(body).message
+    assert caplog.records == []
 
 
 def test_plain_transfer_encodings_and_filename_forms_are_fine() -> None:
