@@ -19,6 +19,7 @@ from middleware.routes import segments
 # Paths relative to /v1; each covers every method and every path under it.
 REFUSED_ROUTES = (
     "realtime",  # client secrets, sessions, transcription and translation sessions, WebRTC and SIP calls
+    "live",  # Live sessions: WebRTC sessions, forks onto new connections, SIP calls
     "chatkit/sessions",  # a ChatKit session's client secret
     "organization",  # the Admin API: admin keys, service-account keys, invites, roles
     "projects",  # the Admin API's project roles

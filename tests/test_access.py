@@ -4,8 +4,8 @@ from hypothesis import strategies as st
 
 from middleware.access import REFUSED_HEADERS, REFUSED_ROUTES, KeyReach, parse_allowed
 
-# every route in OpenAI's API reference (openai/openai-openapi, 2026-08) that hands out access
-# bypassing the gateway
+# every route in OpenAI's API reference (openai/openai-openapi, 2026-08; the Live API as the
+# openai 3.57 SDK calls it) that hands out access bypassing the gateway
 MINTING = [
     "/realtime/client_secrets",
     "/realtime/sessions",
@@ -14,6 +14,9 @@ MINTING = [
     "/realtime/calls",
     "/realtime/calls/rtc_1/accept",
     "/realtime/calls/rtc_1/refer",
+    "/live/sessions",
+    "/live/sessions/sess_1/fork",
+    "/live/sessions/sess_1/accept",
     "/chatkit/sessions",
     "/organization/admin_api_keys",
     "/organization/projects/proj_1/service_accounts",
@@ -29,6 +32,7 @@ CARRIED = [
     "/chatkit/threads",
     "/chatkit/sessions_x",
     "/realtimes",
+    "/lives",
     "/organizations",
     "/audio/transcriptions",
 ]
