@@ -64,10 +64,18 @@ def too_large(limit: int) -> GatewayError:
     )
 
 
+UNCOMPRESSED = "Send this request's body uncompressed: the gateway must read it to moderate it."
+
+
+def compressed(encoding: bytes | None) -> bool:
+    """Whether a Content-Encoding says the body is not sent as is."""
+    return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
+
+
 def json_object(encoding: bytes | None, body: bytes) -> dict[str, Any]:
     """The body as one JSON object without duplicate keys; 400 `invalid_json` otherwise."""
-    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
-        raise _invalid_json("Send this request's body uncompressed: the gateway must read it to moderate it.")
+    if compressed(encoding):
+        raise _invalid_json(UNCOMPRESSED)
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -1,10 +1,12 @@
 """The moderation middleware: who is calling, are they blocked, and is what they wrote allowed.
 
-Every call needs the user header and is refused while the user is blocked. The bodies of the
-judged routes are read (bounded), the user's input is judged by the detectors (middleware/
-cascade.py), and a flagged call earns a strike instead of reaching the inner app. Whatever is
-forwarded gets its body replayed as it came, except for an added `safety_identifier` when
-configured. Other calls, bodies included, stream through untouched.
+Every call needs the user header, is refused when the gateway's own key does not carry it
+(middleware/access.py) and while the user is blocked. The bodies of the judged routes
+(middleware/routes.py) are read (bounded), the user's input is judged by the detectors
+(middleware/cascade.py), and a flagged call earns a strike instead of reaching the inner app.
+Whatever is forwarded gets its body replayed as it came, except for an added
+`safety_identifier` or masked personal data when configured. Other calls, bodies included,
+stream through untouched.
 
 Paths are relative to the app's mount (`root_path`), as Starlette's Mount gives them:
 `path_prefix` says where the judged routes live below it ("" when mounted at /v1).
@@ -13,36 +15,40 @@ Paths are relative to the app's mount (`root_path`), as Starlette's Mount gives 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, Literal
 
 import structlog
 
+from middleware.access import KeyReach
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
-from middleware.bodies import Disconnected, add_member, json_object, read_body, replaying
+from middleware.bodies import UNCOMPRESSED, Disconnected, add_member, compressed, json_object, read_body, replaying
 from middleware.budgets import ByteBudget
 from middleware.cascade import make_cascade
 from middleware.errors import GatewayError, Refused
-from middleware.extract import extract_user_input
+from middleware.forms import malformed
 from middleware.masking import PiiScreen
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
 from middleware.paths import invalid_path, path_problem
 from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore, UserInput, Verdict, Violation
 from middleware.refusals import blocked_error, unrecorded_violation, violation_answer
+from middleware.routes import Route, match, unjudgeable_error
 from middleware.timing import EarlyCall
 from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
 
 log = structlog.get_logger(__name__)
 
 SHADOW_HEADER = b"x-gateway-shadow-violation"
-_ROUTES = {"/chat/completions": "chat", "/completions": "completions", "/responses": "responses"}
+# the routes whose bodies take a `safety_identifier` (others would refuse an unknown parameter)
+_IDENTIFIED_ROUTES = frozenset({"chat/completions", "completions", "responses"})
 _SLASHES = re.compile(r"/{2,}")
 # the body's framing headers, replaced when the body changes
 _BODY_FRAMING = (b"content-length", b"transfer-encoding")
+# how a judged body is read: one of each, or the gateway and the upstream could read it apart
+_READING_HEADERS = (b"content-type", b"content-encoding")
 # Bodies larger than this are parsed, searched for the user's input and judged by local detectors
 # off the event loop's thread.
 _OFFLOAD_BYTES = 1024 * 1024
@@ -69,6 +75,8 @@ class ModerationMiddleware:
         moderation_mode: Literal["sequential", "parallel"] = "sequential",
         pii: Literal["off", "mask", "block"] = "off",
         moderation_timing: Literal["before_call", "during_call"] = "before_call",
+        key_reach: KeyReach | None = None,
+        unjudgeable: Literal["forward", "refuse"] = "forward",
     ) -> None:
         self.app = app
         self.store = store
@@ -83,10 +91,15 @@ class ModerationMiddleware:
         self.body_budget = body_budget or ByteBudget(max_body_bytes * 64)
         self.users_per_app = users_per_app
         self.pii = PiiScreen(pii) if pii != "off" else None
+        # A form is not rewritten as a JSON body can be, byte for byte: its personal data is refused.
+        self.pii_in_forms = PiiScreen("block") if pii != "off" else None
         self.during_call = moderation_timing == "during_call"
+        # Built only with OPENAI_API_KEY set: without it the client's own key goes upstream.
+        self.key_reach = key_reach
+        self.refuse_unjudgeable = unjudgeable == "refuse"
         prefix = path_prefix.rstrip("/")
         self.prefix = prefix + "/"
-        self.routes = {(prefix + suffix).lower(): route for suffix, route in _ROUTES.items()}
+        self._prefix_length = len(prefix)  # the judged routes' paths are relative to the prefix
         self._plain_paths: set[bytes] = set()
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
@@ -107,6 +120,12 @@ class ModerationMiddleware:
             if raw_path is not None and raw_path not in self._plain_paths:
                 self._check_path(raw_path, scope)
             user_id, headers = self._user_id(scope, note)
+            cut = self._prefix_length
+            route_path = path[cut:] if cut else path
+            if self.key_reach is not None:
+                refusal = self.key_reach.refusal(route_path, headers)
+                if refusal is not None:
+                    raise Refused("route_not_allowed", refusal)
             store = self.store
             known, block = store.cached_block(user_id)
             if not known:
@@ -115,19 +134,18 @@ class ModerationMiddleware:
                 raise self._blocked(block)
             else:
                 decision = "allow"
-            route_path = path
-            route = None
-            if scope["method"] == "POST":
-                route = self.routes.get(path)
-                if route is None:
-                    # As an upstream would route it: a trailing slash, `//` or capitals must not skip moderation.
-                    route_path = _SLASHES.sub("/", path).rstrip("/").lower()
-                    route = self.routes.get(route_path)
+            route = match(scope["method"], route_path)
             if route is None:
                 note["decision"] = decision
                 await self.app(scope, receive, send)
                 return
 
+            if len(headers) != len(scope["headers"]):  # a header came twice: one that says how to read the body?
+                _refuse_repeated(scope["headers"])
+            encoding = headers.get(b"content-encoding")
+            reading = "json" if route.form is None else route.reads(headers.get(b"content-type"))
+            if reading == "multipart" and compressed(encoding):
+                raise malformed(UNCOMPRESSED)
             budget = self.body_budget
             try:
                 body, held = await read_body(receive, headers.get(b"content-length"), self.max_body_bytes, budget)
@@ -135,16 +153,27 @@ class ModerationMiddleware:
                 note["decision"] = "disconnected"
                 return
             try:
-                encoding = headers.get(b"content-encoding")
                 offload = len(body) > _OFFLOAD_BYTES
                 if offload:
-                    request, user_input = await asyncio.to_thread(_read_input, route, encoding, body)
-                else:
+                    request, user_input = await asyncio.to_thread(_read_input, route, reading, headers, body)
+                elif reading == "json":
                     request = json_object(encoding, body)
-                    user_input = extract_user_input(route, request)
+                    user_input = route.extract(request)
+                else:
+                    request, user_input = _read_input(route, reading, headers, body)
+                if self.refuse_unjudgeable and user_input.unjudgeable:
+                    # before the detectors: what they cannot read is no violation, and earns no strike
+                    raise Refused("unjudgeable", unjudgeable_error(user_input))
                 if self.pii is not None:
-                    scope, body, user_input = await self._screen_pii(scope, body, user_input, route, offload)
-                if self.safety_salt is not None and "safety_identifier" not in request:
+                    scope, body, user_input = await self._screen_pii(
+                        scope, body, user_input, route, offload, form=request is None
+                    )
+                if (
+                    self.safety_salt is not None
+                    and request is not None
+                    and route.name in _IDENTIFIED_ROUTES
+                    and "safety_identifier" not in request
+                ):
                     scope, body = self._with_safety_identifier(scope, body, request, user_id)
                 # GATEWAY_MODERATION_TIMING=during_call: the upstream call starts now, its answer held.
                 early = EarlyCall(self.app, scope, replaying(body, receive)) if self.during_call else None
@@ -154,7 +183,7 @@ class ModerationMiddleware:
                     )
                     forward = send
                     if verdict is not None:
-                        await self._violation(scope, user_id, verdict, route_path)  # refuses unless shadow
+                        await self._violation(scope, user_id, verdict, path)  # refuses unless shadow
                         note["decision"] = "shadow_violation"
                         categories = ",".join(verdict.categories).encode("latin-1", "replace")
                         forward = _adding_header(send, SHADOW_HEADER, categories)
@@ -182,15 +211,15 @@ class ModerationMiddleware:
         except Refused as refused:
             note["decision"] = refused.decision
             await refused.error.send(send)
-        except GatewayError as error:  # the body's bounds and shape: 413, 400 invalid_json, 503 server_busy
+        except GatewayError as error:  # the body's bounds and shape: 413, 400 invalid_json/_request, 503 server_busy
             note["decision"] = "server_busy" if error.code == "server_busy" else "invalid"
             await error.send(send)
 
-    async def _violation(self, scope: Scope, user_id: str, verdict: Verdict, route_path: str) -> None:
+    async def _violation(self, scope: Scope, user_id: str, verdict: Verdict, path: str) -> None:
         """Count, log and record a flagged call: a strike (which refuses it), or in shadow mode an audit."""
         state = scope.get("state")
         app = state.get("app") if isinstance(state, dict) else None
-        violation = Violation(verdict=verdict, path=_audit_path(scope, route_path), app=app)
+        violation = Violation(verdict=verdict, path=_audit_path(scope, path), app=app)
         shadow = self.enforcement == "shadow"
         for category in verdict.categories:
             VIOLATIONS.labels(category, verdict.detector, "true" if shadow else "false").inc()
@@ -208,15 +237,15 @@ class ModerationMiddleware:
         await self._record_shadow(user_id, violation)
 
     async def _screen_pii(
-        self, scope: Scope, body: bytes, user_input: UserInput, route: str, offload: bool
+        self, scope: Scope, body: bytes, user_input: UserInput, route: Route, offload: bool, *, form: bool
     ) -> tuple[Scope, bytes, UserInput]:
-        """GATEWAY_PII: refuses personal data (`block`), or masks it in the body and the input (`mask`)."""
-        assert self.pii is not None
-        extract = functools.partial(extract_user_input, route)
+        """GATEWAY_PII: refuses personal data (`block`, and in forms), or masks it in the body and the input."""
+        screen = self.pii_in_forms if form else self.pii
+        assert screen is not None
         if offload:
-            masked, user_input = await asyncio.to_thread(self.pii.apply, body, user_input, extract)
+            masked, user_input = await asyncio.to_thread(screen.apply, body, user_input, route.extract)
         else:
-            masked, user_input = self.pii.apply(body, user_input, extract)
+            masked, user_input = screen.apply(body, user_input, route.extract)
         if masked is body:
             return scope, body, user_input
         return _framed(scope, masked), masked, user_input
@@ -242,7 +271,8 @@ class ModerationMiddleware:
         """The user the call names, and the call's headers by name (the first of each name)."""
         raw_headers = scope["headers"]
         if not isinstance(raw_headers, list | tuple):
-            raw_headers = list(raw_headers)
+            # any iterable, says ASGI: read once here, so kept for the judged body's checks and the proxy
+            raw_headers = scope["headers"] = list(raw_headers)
         # by (lower-case) name, the first of each name winning, in one C call
         headers: dict[bytes, bytes] = dict(reversed(raw_headers))
         key = self.user_header_key
@@ -334,9 +364,26 @@ class ModerationMiddleware:
             log.warning("shadow_violation_not_recorded", user_id=user_id, error=str(exc))
 
 
-def _read_input(route: str, encoding: bytes | None, body: bytes) -> tuple[dict[str, Any], UserInput]:
-    request = json_object(encoding, body)
-    return request, extract_user_input(route, request)
+def _read_input(
+    route: Route, reading: str, headers: dict[bytes, bytes], body: bytes
+) -> tuple[dict[str, Any] | None, UserInput]:
+    """The parsed JSON body (None for a form) and the user's input in it."""
+    if reading == "json":
+        request = json_object(headers.get(b"content-encoding"), body)
+        return request, route.extract(request)
+    # a form is known by its Content-Type (Route.reads)
+    return None, route.extract_form(body, headers[b"content-type"])
+
+
+def _refuse_repeated(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Refuse a judged call that says twice how its body is read (the first of each was used)."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in _READING_HEADERS:
+            if name in seen:
+                header = name.decode("latin-1").title()
+                raise malformed(f"Send the {header} header once; it came more than once.", param=header)
+            seen.add(name)
 
 
 def _app_path(scope: Scope) -> str:
@@ -348,10 +395,11 @@ def _app_path(scope: Scope) -> str:
     return path
 
 
-def _audit_path(scope: Scope, route_path: str) -> str:
-    # The route as the client called it, mount included (/v1/chat/completions).
+def _audit_path(scope: Scope, path: str) -> str:
+    # The route as the client called it, mount and ids included (/v1/threads/thread_1/messages),
+    # in one spelling: `//` and a trailing `/` dropped, lower-cased.
     root: str = scope.get("root_path", "")
-    return (root + route_path).lower()
+    return (root + _SLASHES.sub("/", path).rstrip("/")).lower()
 
 
 def _framed(scope: Scope, body: bytes) -> Scope:

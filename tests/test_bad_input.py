@@ -97,7 +97,7 @@ def test_bodies_that_are_not_a_json_object_are_400(url: str, upstream: MockUpstr
 
 def test_a_non_utf8_body_on_an_unmoderated_route_passes_through_byte_for_byte(url: str, upstream: MockUpstream) -> None:
     body = b"\xff\xfe not json, not UTF-8 \x00\x80"
-    answer = httpx2.post(f"{url}/v1/files", content=body, headers={"X-User-ID": "alice", "X-Mock": "echo"})
+    answer = httpx2.post(f"{url}/v1/embeddings", content=body, headers={"X-User-ID": "alice", "X-Mock": "echo"})
     assert answer.status_code == 200
     assert upstream.requests[-1].body == body
 

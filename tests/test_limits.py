@@ -102,8 +102,12 @@ def test_trickled_uploads_cannot_starve_other_users(settings_factory: SettingsFa
         yield b"y"
 
     def upload(url: str) -> None:
+        # a part of the Uploads API: streamed upstream unjudged (POST /v1/files is judged, so read whole)
         answer = httpx2.post(
-            f"{url}/v1/files", content=trickle(), headers={"X-User-ID": "slow", "X-Mock": "echo"}, timeout=30
+            f"{url}/v1/uploads/upload_1/parts",
+            content=trickle(),
+            headers={"X-User-ID": "slow", "X-Mock": "echo"},
+            timeout=30,
         )
         answers.append(answer.status_code)
 

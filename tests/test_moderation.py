@@ -396,12 +396,18 @@ async def test_a_clients_own_safety_identifier_is_kept(store: Store) -> None:
     assert lengths == [str(len(body)).encode()]
 
 
-async def test_no_safety_identifier_on_unmoderated_routes(store: Store) -> None:
+async def test_no_safety_identifier_on_unmoderated_routes_or_judged_ones_without_the_parameter(
+    store: Store,
+) -> None:
     inner = Inner()
     app = middleware(inner, store, [], safety_salt=b"pepper")
     body = b'{"input": "x"}'
-    assert (await call(app, path="/v1/embeddings", body=body)).status == 200
-    assert inner.bodies == [body]
+    for path in ("/v1/embeddings", "/v1/audio/speech", "/v1/conversations", "/v1/images/generations"):
+        assert (await call(app, path=path, body=body)).status == 200
+    assert inner.bodies == [body] * 4  # OpenAI refuses a parameter its route does not know
+    for path in ("/v1/responses", "/v1/completions"):
+        assert (await call(app, path=path, body=body)).status == 200
+        assert "safety_identifier" in orjson.loads(inner.bodies[-1])
 
 
 # --- enforcement -------------------------------------------------------------------------------

@@ -91,14 +91,16 @@ def test_a_request_pipelined_behind_a_clean_one_is_judged_on_its_own(port: int, 
 
 def test_a_request_inside_a_body_reaches_the_upstream_as_body_bytes(port: int, upstream: MockUpstream) -> None:
     # The upstream gets the gateway's own framing (Content-Length or chunked, written by aiohttp),
-    # never the client's: a request written inside another's body stays that body.
+    # never the client's: a request written inside another's body stays that body (here on a route
+    # whose body streams upstream unread; POST /v1/files is judged, so read whole).
     inner = HEAD + b"Content-Length: " + length(VIOLATION) + b"\r\n\r\n" + VIOLATION
     outer = (
-        b"POST /v1/files HTTP/1.1\r\nHost: gw\r\nX-User-ID: alice\r\nX-Mock: echo\r\nConnection: close\r\n"
+        b"POST /v1/uploads/upload_1/parts HTTP/1.1\r\nHost: gw\r\nX-User-ID: alice\r\nX-Mock: echo\r\n"
+        b"Connection: close\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + chunked(inner)
     )
     assert exchange(port, outer) == [200]
-    assert [(request.path, request.body) for request in upstream.requests] == [("/v1/files", inner)]
+    assert [(request.path, request.body) for request in upstream.requests] == [("/v1/uploads/upload_1/parts", inner)]
 
 
 def test_a_chunked_body_is_judged_as_the_upstream_receives_it(port: int, upstream: MockUpstream) -> None:
