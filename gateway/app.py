@@ -44,6 +44,7 @@ from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Policy, Store
 from gateway.sweeper import ExpirySweeper
 from gateway.webhooks import WebhookSender
+from middleware.access import KeyReach
 from middleware.asgi import ASGIApp, Receive, Scope, Send
 from middleware.budgets import ByteBudget
 from middleware.detectors import AzureDetector, GuardDetector, OpenAIDetector, RulesDetector
@@ -272,6 +273,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
         moderation_mode=settings.moderation_mode,
         pii=settings.pii,
         moderation_timing=settings.moderation_timing,
+        key_reach=KeyReach(settings.allowed_routes) if settings.openai_api_key is not None else None,
+        unjudgeable=settings.unjudgeable,
     )
     if settings.api_keys:  # without keys the layer would only pass calls through: leave it out
         v1 = ClientKeyMiddleware(v1, keys=settings.client_keys)

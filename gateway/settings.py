@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from middleware.access import parse_allowed
 from middleware.detectors import DEFAULT_RULES_FILE
 
 DETECTORS = ("openai", "rules", "guard", "azure")
@@ -145,6 +146,13 @@ class Settings(BaseSettings):
     body_timeout: float = Field(20.0, gt=0, allow_inf_nan=False)
     body_min_rate: float = Field(500.0, ge=0, allow_inf_nan=False)
 
+    # Judged routes (middleware/routes.py): a call holding parts no detector reads (audio, files,
+    # images by file id, token ids) is forwarded, or refused with 400 unjudgeable_input.
+    unjudgeable: Literal["forward", "refuse"] = "forward"
+    # The key's reach (middleware/access.py): refused routes and headers the gateway's own key
+    # carries after all (`realtime/calls,OpenAI-Project`); without OPENAI_API_KEY nothing is refused.
+    allowed_routes: Annotated[tuple[str, ...], NoDecode] = ()
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, value: Any) -> Any:
@@ -196,6 +204,11 @@ class Settings(BaseSettings):
             raise ValueError(f"expected an HTTP header name, got {value!r}")
         return value
 
+    @field_validator("allowed_routes", mode="before")
+    @classmethod
+    def _parse_allowed_routes(cls, value: Any) -> Any:
+        return parse_allowed(value) if isinstance(value, str | list | tuple) else value
+
     @field_validator(
         "log_level",
         "log_format",
@@ -204,6 +217,7 @@ class Settings(BaseSettings):
         "moderation_mode",
         "moderation_timing",
         "pii",
+        "unjudgeable",
         mode="before",
     )
     @classmethod

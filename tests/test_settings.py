@@ -90,6 +90,12 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
         ("GATEWAY_BODY_MIN_RATE", "-1", "GATEWAY_BODY_MIN_RATE: Input should be greater than or equal to 0"),
         ("GATEWAY_BODY_MIN_RATE", "fast", "GATEWAY_BODY_MIN_RATE: Input should be a valid number"),
         ("GATEWAY_ADMIN", "maybe", "GATEWAY_ADMIN: Input should be a valid boolean"),
+        ("GATEWAY_UNJUDGEABLE", "drop", "GATEWAY_UNJUDGEABLE: Input should be 'forward' or 'refuse'"),
+        (
+            "GATEWAY_ALLOWED_ROUTES",
+            "realtime/calls,chat/completions",
+            "GATEWAY_ALLOWED_ROUTES: 'chat/completions' is neither a refused route nor a refused header",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(
@@ -156,3 +162,15 @@ def test_an_empty_value_means_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert settings.api_keys == frozenset()
     assert settings.port == 8000
     assert settings.database_url is None
+
+
+def test_judged_routes_and_the_keys_reach_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings()
+    assert (defaults.unjudgeable, defaults.allowed_routes) == ("forward", ())
+    monkeypatch.setenv("GATEWAY_UNJUDGEABLE", "Refuse")
+    monkeypatch.setenv("GATEWAY_ALLOWED_ROUTES", " Realtime/Calls/, OpenAI-Project,")
+    settings = load_settings()
+    assert settings.unjudgeable == "refuse"
+    assert settings.allowed_routes == ("realtime/calls", "openai-project")  # canonical, parsed once
+    monkeypatch.setenv("GATEWAY_ALLOWED_ROUTES", "")
+    assert load_settings().allowed_routes == ()
