@@ -295,15 +295,3 @@ def upload(found: Collector, body: dict[str, Any]) -> None:
     purpose = body.get("purpose")
     if isinstance(purpose, str) and purpose.strip().lower() == "batch":
         found.unreadable("purpose")
-
-
-_LEGACY = {"chat": chat, "completions": completions, "responses": responses}
-
-
-def extract_user_input(route: str, body: dict[str, Any]) -> UserInput:
-    """The user's input for the middleware's three original routes: chat, completions, responses.
-
-    Kept until the middleware matches routes with `middleware.routes.match`.
-    """
-    extract = _LEGACY.get(route)
-    return extract(body) if extract is not None else UserInput()

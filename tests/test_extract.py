@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from middleware import extract
-from middleware.extract import Collector, _chat, _chat_of_strings, extract_user_input
+from middleware.extract import Collector, _chat, _chat_of_strings
 from middleware.protocols import UserInput
 
 
@@ -20,7 +20,7 @@ def test_chat_string_content_of_user_messages_only() -> None:
             {"role": "user", "content": "second question"},
         ],
     }
-    assert extract_user_input("chat", body) == UserInput(texts=("first question", "second question"))
+    assert extract.chat(body) == UserInput(texts=("first question", "second question"))
 
 
 def test_chat_text_and_image_parts() -> None:
@@ -38,7 +38,7 @@ def test_chat_text_and_image_parts() -> None:
             {"role": "assistant", "content": [{"type": "text", "text": "assistant part"}]},
         ]
     }
-    found = extract_user_input("chat", body)
+    found = extract.chat(body)
     assert found.texts == ("what is this?",)
     assert found.images == ("https://example.com/a.png", "data:image/png;base64,AAAA")
     assert found.unjudgeable == ("messages[0].content[3]",)  # the audio
@@ -53,23 +53,23 @@ def test_identical_texts_and_images_are_deduplicated_in_order() -> None:
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
         ]
     }
-    assert extract_user_input("chat", body) == UserInput(texts=("b", "a"), images=("u",))
+    assert extract.chat(body) == UserInput(texts=("b", "a"), images=("u",))
 
 
 def test_blank_texts_are_not_input() -> None:
     body = {"messages": [{"role": "user", "content": "  \n"}, {"role": "user", "content": ""}]}
-    assert not extract_user_input("chat", body)
+    assert not extract.chat(body)
 
 
 def test_completion_prompt_string_list_and_token_ids() -> None:
-    assert extract_user_input("completions", {"prompt": "once upon"}).texts == ("once upon",)
-    assert extract_user_input("completions", {"prompt": ["one", "two", 3]}).texts == ("one", "two")
-    assert not extract_user_input("completions", {"prompt": [1, 2, 3]})
-    assert not extract_user_input("completions", {"prompt": [[1, 2], [3]]})
+    assert extract.completions({"prompt": "once upon"}).texts == ("once upon",)
+    assert extract.completions({"prompt": ["one", "two", 3]}).texts == ("one", "two")
+    assert not extract.completions({"prompt": [1, 2, 3]})
+    assert not extract.completions({"prompt": [[1, 2], [3]]})
 
 
 def test_responses_string_input() -> None:
-    assert extract_user_input("responses", {"input": "hello", "instructions": "be nice"}).texts == ("hello",)
+    assert extract.responses({"input": "hello", "instructions": "be nice"}).texts == ("hello",)
 
 
 def test_responses_items_of_the_user_only() -> None:
@@ -93,14 +93,10 @@ def test_responses_items_of_the_user_only() -> None:
             {"type": "message", "content": [{"type": "input_text", "text": "roleless message"}]},
         ],
     }
-    found = extract_user_input("responses", body)
+    found = extract.responses(body)
     assert found.texts == ("plain user text", "part text", "roleless message")
     assert found.images == ("https://example.com/b.png",)
     assert found.unjudgeable == ("input[3].content[2]",)  # the image by file id
-
-
-def test_unknown_route_finds_nothing() -> None:
-    assert not extract_user_input("embeddings", {"input": "text", "messages": [{"role": "user", "content": "x"}]})
 
 
 def test_wrong_types_are_skipped() -> None:
@@ -111,10 +107,10 @@ def test_wrong_types_are_skipped() -> None:
         {"messages": [{"role": ["user"], "content": "x"}]},
     ]
     for body in odd:
-        assert not extract_user_input("chat", body)
-    assert not extract_user_input("completions", {"prompt": {"a": 1}})
-    assert not extract_user_input("responses", {"input": [{"role": "user", "content": {"text": "x"}}, None, 3]})
-    assert not extract_user_input("chat", [])  # type: ignore[arg-type]
+        assert not extract.chat(body)
+    assert not extract.completions({"prompt": {"a": 1}})
+    assert not extract.responses({"input": [{"role": "user", "content": {"text": "x"}}, None, 3]})
+    assert not extract.chat([])
 
 
 json_values = st.recursive(
@@ -131,10 +127,10 @@ shaped_values = st.recursive(
 )
 
 
-@given(st.sampled_from(["chat", "completions", "responses"]), json_values | shaped_values)
-def test_never_raises_on_any_json_value(route: str, value: Any) -> None:
+@given(st.sampled_from([extract.chat, extract.completions, extract.responses]), json_values | shaped_values)
+def test_never_raises_on_any_json_value(extractor: extract.Extractor, value: Any) -> None:
     for body in (value, {"messages": value, "prompt": value, "input": value}):
-        found = extract_user_input(route, body)
+        found = extractor(body)
         assert all(isinstance(text, str) for text in found.texts)
         assert all(isinstance(url, str) for url in found.images)
 
@@ -159,7 +155,7 @@ def test_finds_every_user_text_of_a_chat_body(messages: list[tuple[str, str, boo
             expected.append(text)
         else:
             body_messages.append({"role": role, "content": content})
-    found = extract_user_input("chat", {"model": "m", "messages": body_messages})
+    found = extract.chat({"model": "m", "messages": body_messages})
     assert found.texts == tuple(dict.fromkeys(expected))
     assert not found.images
 
@@ -195,13 +191,13 @@ def test_finds_every_user_text_of_a_responses_body(items: list[tuple[str, str, b
             body_items.append({"type": "function_call_output", "call_id": "c", "output": text})
             continue
         expected.append(text)
-    found = extract_user_input("responses", {"model": "m", "instructions": "app words", "input": body_items})
+    found = extract.responses({"model": "m", "instructions": "app words", "input": body_items})
     assert found.texts == tuple(dict.fromkeys(expected))
 
 
 @given(st.one_of(user_texts, st.lists(st.one_of(user_texts, st.integers()), max_size=8)))
 def test_finds_every_text_of_a_completion_prompt(prompt: str | list[str | int]) -> None:
-    found = extract_user_input("completions", {"model": "m", "prompt": prompt})
+    found = extract.completions({"model": "m", "prompt": prompt})
     texts = [prompt] if isinstance(prompt, str) else [item for item in prompt if isinstance(item, str)]
     assert found.texts == tuple(dict.fromkeys(texts))
 
@@ -214,7 +210,7 @@ def test_a_user_text_hidden_among_other_parts_is_found(parts: list[tuple[str, st
     ]
     content.insert(len(content) // 2, {"type": "text", "text": hidden})
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": content}]
-    assert hidden in extract_user_input("chat", {"messages": messages}).texts
+    assert hidden in extract.chat({"messages": messages}).texts
 
 
 _json = st.recursive(
@@ -457,11 +453,3 @@ def test_an_unreadable_part_is_named_where_it_stands(
     assert found.texts == tuple(dict.fromkeys(texts))
     items = extract.responses({"input": [{"role": "user", "content": content}]})
     assert items.unjudgeable == (f"input[0].content[{at}]",)
-
-
-def test_the_middleware_entry_keeps_its_three_routes() -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "p", "input": "i"}
-    assert extract_user_input("chat", body).texts == ("hi",)
-    assert extract_user_input("completions", body).texts == ("p",)
-    assert extract_user_input("responses", body).texts == ("i",)
-    assert extract_user_input("embeddings", body) == UserInput()

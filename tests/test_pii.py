@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.settings import Settings, SettingsError, load_settings
+from middleware import extract
 from middleware.detectors import pii
 from middleware.errors import Refused
-from middleware.extract import extract_user_input
 from middleware.masking import PiiScreen
 from middleware.protocols import UserInput
 from tests.servers import run_app
@@ -88,8 +88,8 @@ def test_block_refuses_naming_the_kinds() -> None:
 
 
 def chat_screen(body: bytes) -> tuple[bytes, UserInput]:
-    user_input = extract_user_input("chat", orjson.loads(body))
-    return PiiScreen("mask").apply(body, user_input, lambda request: extract_user_input("chat", request))
+    user_input = extract.chat(orjson.loads(body))
+    return PiiScreen("mask").apply(body, user_input, extract.chat)
 
 
 def test_mask_changes_only_the_pieces_inside_the_users_strings() -> None:
@@ -173,7 +173,7 @@ def test_masking_keeps_the_shape_and_the_applications_content(messages: list[dic
     assert result == {**request, "messages": [expected(message) for message in messages]}
     # every byte outside the string tokens, and every string token not rewritten, is as sent
     assert _TOKEN.sub(b'""', masked) == _TOKEN.sub(b'""', body)
-    assert user_input == extract_user_input("chat", result)
+    assert user_input == extract.chat(result)
 
 
 @settings(max_examples=300, deadline=None)
