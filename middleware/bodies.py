@@ -9,6 +9,7 @@ duplicate keys (the gateway would judge one `messages`, the upstream might read 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -65,11 +66,25 @@ def too_large(limit: int) -> GatewayError:
 
 
 UNCOMPRESSED = "Send this request's body uncompressed: the gateway must read it to moderate it."
+# the headers that say how a body is read: one of each, or the gateway and the upstream could read it apart
+_READING_HEADERS = (b"content-type", b"content-encoding")
 
 
 def compressed(encoding: bytes | None) -> bool:
     """Whether a Content-Encoding says the body is not sent as is."""
     return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
+
+
+def read_once(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Refuse (400 invalid_request) a body whose Content-Type or Content-Encoding came twice."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in _READING_HEADERS:
+            if name in seen:
+                header = name.decode("latin-1").title()
+                message = f"Send the {header} header once; it came more than once."
+                raise GatewayError(400, "invalid_request", message, param=header)
+            seen.add(name)
 
 
 def json_object(encoding: bytes | None, body: bytes) -> dict[str, Any]:

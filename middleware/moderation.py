@@ -18,18 +18,17 @@ import asyncio
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
 
 import structlog
 
 from middleware.access import KeyReach
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
-from middleware.bodies import UNCOMPRESSED, Disconnected, add_member, compressed, json_object, read_body, replaying
+from middleware.bodies import Disconnected, add_member, json_object, read_body, read_once, replaying
 from middleware.budgets import ByteBudget
 from middleware.cascade import make_cascade
 from middleware.errors import GatewayError, Refused
-from middleware.forms import malformed
 from middleware.masking import PiiScreen
 from middleware.metrics import BLOCKED_REQUESTS, FAIL_OPEN, VIOLATIONS
 from middleware.paths import invalid_path, path_problem
@@ -47,8 +46,6 @@ _IDENTIFIED_ROUTES = frozenset({"chat/completions", "completions", "responses"})
 _SLASHES = re.compile(r"/{2,}")
 # the body's framing headers, replaced when the body changes
 _BODY_FRAMING = (b"content-length", b"transfer-encoding")
-# how a judged body is read: one of each, or the gateway and the upstream could read it apart
-_READING_HEADERS = (b"content-type", b"content-encoding")
 # Bodies larger than this are parsed, searched for the user's input and judged by local detectors
 # off the event loop's thread.
 _OFFLOAD_BYTES = 1024 * 1024
@@ -141,11 +138,8 @@ class ModerationMiddleware:
                 return
 
             if len(headers) != len(scope["headers"]):  # a header came twice: one that says how to read the body?
-                _refuse_repeated(scope["headers"])
-            encoding = headers.get(b"content-encoding")
-            reading = "json" if route.form is None else route.reads(headers.get(b"content-type"))
-            if reading == "multipart" and compressed(encoding):
-                raise malformed(UNCOMPRESSED)
+                read_once(scope["headers"])
+            reading = "json" if route.form is None else route.reading(headers)
             budget = self.body_budget
             try:
                 body, held = await read_body(receive, headers.get(b"content-length"), self.max_body_bytes, budget)
@@ -155,12 +149,12 @@ class ModerationMiddleware:
             try:
                 offload = len(body) > _OFFLOAD_BYTES
                 if offload:
-                    request, user_input = await asyncio.to_thread(_read_input, route, reading, headers, body)
+                    request, user_input = await asyncio.to_thread(route.read, body, headers)
                 elif reading == "json":
-                    request = json_object(encoding, body)
+                    request = json_object(headers.get(b"content-encoding"), body)
                     user_input = route.extract(request)
                 else:
-                    request, user_input = _read_input(route, reading, headers, body)
+                    request, user_input = route.read(body, headers)
                 if self.refuse_unjudgeable and user_input.unjudgeable:
                     # before the detectors: what they cannot read is no violation, and earns no strike
                     raise Refused("unjudgeable", unjudgeable_error(user_input))
@@ -362,28 +356,6 @@ class ModerationMiddleware:
         except StoreUnavailable as exc:
             # shadow mode must never cost a call: the metric and the log line above still count it
             log.warning("shadow_violation_not_recorded", user_id=user_id, error=str(exc))
-
-
-def _read_input(
-    route: Route, reading: str, headers: dict[bytes, bytes], body: bytes
-) -> tuple[dict[str, Any] | None, UserInput]:
-    """The parsed JSON body (None for a form) and the user's input in it."""
-    if reading == "json":
-        request = json_object(headers.get(b"content-encoding"), body)
-        return request, route.extract(request)
-    # a form is known by its Content-Type (Route.reads)
-    return None, route.extract_form(body, headers[b"content-type"])
-
-
-def _refuse_repeated(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
-    """Refuse a judged call that says twice how its body is read (the first of each was used)."""
-    seen: set[bytes] = set()
-    for name, _ in raw_headers:
-        if name in _READING_HEADERS:
-            if name in seen:
-                header = name.decode("latin-1").title()
-                raise malformed(f"Send the {header} header once; it came more than once.", param=header)
-            seen.add(name)
 
 
 def _app_path(scope: Scope) -> str:

@@ -10,12 +10,13 @@ costs nothing). Dot segments and encoded `/` or `.` are refused before a path ge
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
 from middleware import extract
+from middleware.bodies import UNCOMPRESSED, compressed, json_object
 from middleware.errors import GatewayError
 from middleware.extract import Extractor
 from middleware.forms import FormPart, files_form, is_multipart, malformed, media_form, read_form
@@ -52,6 +53,25 @@ class Route:
         if self.json is None:
             raise malformed(f"Send the body of /v1/{self.name} as multipart/form-data.")
         return "json"
+
+    def reading(self, headers: Mapping[bytes, bytes]) -> Literal["json", "multipart"]:
+        """How this call's body is read, from its headers by lower-case name (see `reads`). A
+        compressed form is refused here, before its body is held; compressed JSON as it is parsed."""
+        reading = self.reads(headers.get(b"content-type"))
+        if reading == "multipart" and compressed(headers.get(b"content-encoding")):
+            raise malformed(UNCOMPRESSED)
+        return reading
+
+    def read(self, body: bytes, headers: Mapping[bytes, bytes]) -> tuple[dict[str, Any] | None, UserInput]:
+        """This call's body parsed (a JSON object; None for a form) and the user's input in it.
+
+        Raises GatewayError (400) for a body it cannot read one way only: invalid_json for JSON,
+        invalid_request for a form.
+        """
+        if self.reading(headers) == "multipart":  # so a form-only route's body is never read as JSON
+            return None, self.extract_form(body, headers[b"content-type"])
+        request = json_object(headers.get(b"content-encoding"), body)
+        return request, self.extract(request)
 
     def extract(self, body: Any) -> UserInput:
         """The user input of a JSON body (any JSON value; a non-object holds none)."""

@@ -182,6 +182,29 @@ def test_a_route_reads_the_form_the_openai_sdk_sends() -> None:
     assert route.extract({"prompt": "as JSON"}) == UserInput(texts=("as JSON",))
 
 
+def test_a_route_reads_a_body_by_its_headers_and_refuses_what_it_cannot_read() -> None:
+    edits, files = match("POST", "/images/edits"), match("POST", "/files")
+    assert edits is not None
+    assert files is not None
+    request = httpx2.Request("POST", "http://gateway/", data={"prompt": "a hat"}, files={"image": ("a", b"x", "b")})
+    form = {b"content-type": request.headers["content-type"].encode()}
+    assert edits.read(request.read(), form) == (None, UserInput(texts=("a hat",), unjudgeable=("image",)))
+    assert edits.read(b'{"prompt": "a hat"}', {}) == ({"prompt": "a hat"}, UserInput(texts=("a hat",)))
+    refusals = [
+        (edits, {**form, b"content-encoding": b"gzip"}, "invalid_request"),  # before a byte is held
+        (edits, {b"content-encoding": b"br"}, "invalid_json"),
+        (files, {}, "invalid_request"),  # a form-only route's body is never read as JSON
+        (files, {b"content-type": b"application/json"}, "invalid_request"),
+    ]
+    for route, headers, code in refusals:
+        with pytest.raises(GatewayError) as refused:
+            route.read(b'{"purpose": "batch"}', headers)
+        assert (refused.value.status, refused.value.code) == (400, code)
+    with pytest.raises(GatewayError, match="uncompressed"):
+        edits.reading({**form, b"content-encoding": b"gzip"})
+    assert edits.reading({b"content-encoding": b"gzip"}) == "json"  # refused as it is parsed
+
+
 def test_the_unjudgeable_refusal_names_the_parts() -> None:
     error = unjudgeable_error(UserInput(unjudgeable=("messages[0].content[1]", "purpose")))
     assert (error.status, error.code, error.param) == (400, "unjudgeable_input", "messages[0].content[1]")
