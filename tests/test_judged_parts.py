@@ -159,3 +159,22 @@ def test_a_malformed_form_is_refused_with_a_clear_message(
             assert answer.status_code == 400, content_type
             assert error(answer)["code"] == "invalid_request"
     assert upstream.requests == []
+
+
+def test_personal_data_in_a_form_is_refused_where_a_json_body_is_masked(
+    settings_factory: SettingsFactory, upstream: MockUpstream
+) -> None:
+    # GATEWAY_PII=mask rewrites JSON strings byte for byte; a form (or a batch file in one) is not
+    # rewritten, so personal data in it is refused instead of forwarded.
+    upstream.behaviors["/v1/images/edits"] = "echo"
+    edit, edit_type = form({"prompt": "a hat for bob@example.com"}, {"image": ("cat.png", PNG, "image/png")})
+    with (
+        gateway(settings_factory, upstream, pii="mask") as url,
+        httpx2.Client(base_url=url, headers=USER) as client,
+    ):
+        refused = client.post("/v1/images/edits", content=edit, headers={"Content-Type": edit_type})
+        assert refused.status_code == 400
+        assert (error(refused)["code"], error(refused)["kinds"]) == ("pii_detected", ["email"])
+        assert client.post("/v1/images/edits", json={"prompt": "a hat for bob@example.com"}).status_code == 200
+    (forwarded,) = reached(upstream, "/v1/images/edits")
+    assert orjson.loads(forwarded.body) == {"prompt": "a hat for [EMAIL]"}
