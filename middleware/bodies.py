@@ -89,7 +89,7 @@ def read_once(raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
 
 def json_object(encoding: bytes | None, body: bytes) -> dict[str, Any]:
     """The body as one JSON object without duplicate keys; 400 `invalid_json` otherwise."""
-    if compressed(encoding):
+    if encoding is not None and compressed(encoding):
         raise _invalid_json(UNCOMPRESSED)
     try:
         request = orjson.loads(body)

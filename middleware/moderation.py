@@ -150,9 +150,9 @@ class ModerationMiddleware:
                 offload = len(body) > _OFFLOAD_BYTES
                 if offload:
                     request, user_input = await asyncio.to_thread(route.read, body, headers)
-                elif reading == "json":
+                elif reading == "json" and route.json is not None:
                     request = json_object(headers.get(b"content-encoding"), body)
-                    user_input = route.extract(request)
+                    user_input = route.json(request)
                 else:
                     request, user_input = route.read(body, headers)
                 if self.refuse_unjudgeable and user_input.unjudgeable:
