@@ -36,7 +36,7 @@ from middleware.protocols import Block, Detector, StoreUnavailable, StrikeStore,
 from middleware.refusals import blocked_error, unrecorded_violation, violation_answer
 from middleware.routes import Route, match, unjudgeable_error
 from middleware.timing import EarlyCall
-from middleware.users import MAX_USER_ID_LENGTH, user_id_problem
+from middleware.users import request_user
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +116,7 @@ class ModerationMiddleware:
             raw_path = scope.get("raw_path")
             if raw_path is not None and raw_path not in self._plain_paths:
                 self._check_path(raw_path, scope)
-            user_id, headers = self._user_id(scope, note)
+            user_id, headers = request_user(scope, note, self.user_header_key, self.user_header, self.users_per_app)
             cut = self._prefix_length
             route_path = path[cut:] if cut else path
             if self.key_reach is not None:
@@ -260,50 +260,6 @@ class ModerationMiddleware:
             raise Refused("invalid", invalid_path(problem))
         if len(self._plain_paths) < _PATHS_CACHED:  # paths are the client's choice: keep only so many
             self._plain_paths.add(raw)
-
-    def _user_id(self, scope: Scope, note: dict[str, Any]) -> tuple[str, dict[bytes, bytes]]:
-        """The user the call names, and the call's headers by name (the first of each name)."""
-        raw_headers = scope["headers"]
-        if not isinstance(raw_headers, list | tuple):
-            # any iterable, says ASGI: read once here, so kept for the judged body's checks and the proxy
-            raw_headers = scope["headers"] = list(raw_headers)
-        # by (lower-case) name, the first of each name winning, in one C call
-        headers: dict[bytes, bytes] = dict(reversed(raw_headers))
-        key = self.user_header_key
-        raw = headers.get(key)
-        if raw is None:
-            raise Refused(
-                "invalid",
-                GatewayError(400, "missing_user_id", f"Send the end user's id in the {self.user_header} header."),
-            )
-        # A name given twice makes the dict shorter than the list: only then count this header's lines.
-        if len(headers) != len(raw_headers) and sum(1 for name, _ in raw_headers if name == key) > 1:
-            # Which of two lines names the user is a guess the gateway and the upstream could make apart.
-            raise Refused(
-                "invalid",
-                GatewayError(
-                    400, "invalid_user_id", f"Send the {self.user_header} header once; it came more than once."
-                ),
-            )
-        try:
-            user_id = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            user_id = ""
-        if user_id_problem(user_id) is not None:
-            raise Refused(
-                "invalid",
-                GatewayError(
-                    400,
-                    "invalid_user_id",
-                    f"The {self.user_header} header must be 1 to {MAX_USER_ID_LENGTH} characters of UTF-8 text "
-                    "without control characters.",
-                ),
-            )
-        app = note.get("app")
-        if app is not None and self.users_per_app:
-            user_id = f"{app}:{user_id}"  # one application's users are not another's
-        note["user_id"] = user_id
-        return user_id, headers
 
     async def _check_block(self, user_id: str) -> str:
         """The decision so far ("allow" or "fail_open"), asking the store; refuses a blocked user."""
