@@ -43,10 +43,12 @@ MAX_ENTRIES = 100_000
 _QUERY_TIMEOUT = 5.0
 _BACKOFF = (0.1, 5.0)  # first and longest wait between reconnect attempts, seconds
 
-# A user's block in force with its event (`block_from` reads these), from `users u`.
+# A user's block in force with its event and whether it was appealed (`block_from` reads these),
+# from `users u`.
 BLOCK_COLUMNS = """
     CASE WHEN isfinite(u.blocked_until) THEN u.blocked_until END AS until,
-    e.id AS event_id, e.at AS event_at, coalesce(e.categories, '{}') AS categories, coalesce(e.points, 0) AS points
+    e.id AS event_id, e.at AS event_at, coalesce(e.categories, '{}') AS categories, coalesce(e.points, 0) AS points,
+    EXISTS (SELECT 1 FROM appeals a WHERE a.event_id = e.id) AS appealed
 """
 BLOCK_EVENT = "LEFT JOIN events e ON e.id = u.block_event_id"
 _BLOCKED = f"""
@@ -61,16 +63,20 @@ FROM users u {BLOCK_EVENT} WHERE u.user_id = $1
 
 
 def block_from(row: asyncpg.Record, policy: Policy) -> Block:
-    """The Block of a row with BLOCK_COLUMNS, as `policy` (its limit, its appeal window) sees it."""
+    """The Block of a row with BLOCK_COLUMNS, as `policy` (its limit, its appeal window) sees it.
+
+    An appealed block is no longer appealable: one appeal per event.
+    """
     at: datetime | None = row["event_at"]
     window = policy.appeal_window_days
+    appealable = at is not None and window > 0 and not row["appealed"]
     return Block(
         until=row["until"],
         event_id=None if row["event_id"] is None else str(row["event_id"]),
         categories=tuple(row["categories"]),
         strikes=row["points"],
         max_strikes=policy.max_strikes,
-        appealable_until=at + timedelta(days=window) if at is not None and window > 0 else None,
+        appealable_until=at + timedelta(days=window) if appealable and at is not None else None,
     )
 
 

@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from gateway import webhooks
 from gateway.blockcache import CHANNEL, block_from
 from gateway.events import iso
 from gateway.metrics import BLOCK_EVENTS
@@ -49,7 +50,7 @@ UPDATE users SET blocked_until = event.blocked_until, blocked_by = $5, blocks = 
 FROM event WHERE users.user_id = $1
 RETURNING event.id AS event_id, event.at AS event_at, event.categories, event.points,
     CASE WHEN isfinite(event.blocked_until) THEN event.blocked_until END AS until,
-    event.blocked_until = 'infinity' AS permanent
+    event.blocked_until = 'infinity' AS permanent, false AS appealed
 """  # noqa: S608
 _EXPIRE = """
 UPDATE users
@@ -71,7 +72,19 @@ RETURNING id AS event_id, at AS event_at, '{}'::text[] AS categories, points,
     CASE WHEN isfinite(blocked_until) THEN blocked_until END AS until,
     coalesce(blocked_until = 'infinity', false) AS permanent
 """
-_OUTBOX = "INSERT INTO webhook_outbox (event_id, payload) VALUES ($1, $2)"
+# Reversed blocks ($2 of them policy blocks) leave the ladder; $3: the block in force is one of
+# them and lifts, resetting the points when $4 (a reversed block) and keeping them otherwise
+# (a reversed violation: the user's other strikes still count).
+_TAKE_BACK = """
+UPDATE users
+SET blocks = greatest(blocks - $2, 0),
+    blocked_until = CASE WHEN $3 THEN NULL ELSE blocked_until END,
+    blocked_by = CASE WHEN $3 THEN NULL ELSE blocked_by END,
+    block_event_id = CASE WHEN $3 THEN NULL ELSE block_event_id END,
+    strikes_since = CASE WHEN $3 AND $4 THEN now() ELSE strikes_since END,
+    updated_at = now()
+WHERE user_id = $1
+"""
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 
@@ -113,8 +126,7 @@ async def set_block(
 async def expire(conn: Connection, policy: Policy, user_id: str, state: asyncpg.Record) -> None:
     """Record the end of a block that ran out (`state`: the user's row, locked)."""
     await conn.execute(_EXPIRE, user_id)
-    number = state["blocks"] if state["blocked_by"] == "policy" else None
-    await _unblock_event(conn, policy, user_id, "expiry", None, number, operator=None, at=state["until"])
+    await _unblock_event(conn, policy, user_id, "expiry", None, state["block_number"], operator=None, at=state["until"])
     log.info("block expired", user_id=user_id)
 
 
@@ -124,8 +136,32 @@ async def unblock(
     """An operator's unblock: lift the block in force, if any, and reset the points."""
     await conn.execute(_UNBLOCK, user_id)
     if state["blocked"]:
-        number = state["blocks"] if state["blocked_by"] == "policy" else None
-        await _unblock_event(conn, policy, user_id, "admin", reason, number, operator=operator)
+        await _unblock_event(conn, policy, user_id, "admin", reason, state["block_number"], operator=operator)
+
+
+async def take_back(
+    conn: Connection,
+    policy: Policy,
+    user_id: str,
+    state: asyncpg.Record,
+    *,
+    policy_blocks: int,
+    lift: bool,
+    reset_points: bool,
+    reason: str | None,
+    operator: str,
+) -> None:
+    """Undo reversed blocks: `policy_blocks` of them leave the ladder count; `lift`: the block in
+    force is one of them and ends now (an `unblock` by the operator), resetting the points when
+    `reset_points`."""
+    await conn.execute(_TAKE_BACK, user_id, policy_blocks, lift, reset_points)
+    if lift:
+        await _unblock_event(conn, policy, user_id, "admin", reason, state["block_number"], operator=operator)
+
+
+async def notify(conn: Connection, user_id: str) -> None:
+    """Have every replica's block cache read the user again (its block changed, or was appealed)."""
+    await conn.execute(_NOTIFY, user_id)
 
 
 async def _unblock_event(
@@ -156,7 +192,7 @@ async def _announce(
     event: asyncpg.Record,
 ) -> None:
     """The notification, the metric and the outbox row of a change of block state."""
-    await conn.execute(_NOTIFY, user_id)
+    await notify(conn, user_id)
     BLOCK_EVENTS.labels(kind, actor).inc()
     if policy.webhooks:
         payload = {
@@ -172,4 +208,4 @@ async def _announce(
             "block_number": number,
             "categories": list(event["categories"]),
         }
-        await conn.execute(_OUTBOX, event["event_id"], payload)
+        await webhooks.enqueue(conn, event["event_id"], payload)

@@ -2,8 +2,9 @@
 
 The store writes events inside its transactions; what is only read lives here. Event kinds:
 `violation` (refused, or recorded in shadow mode), `warning` (refused, no points),
-`output_violation` (a flagged answer), `block` and `unblock`; later work adds `reversed`,
-`appeal_accepted`, `appeal_rejected`, `note` and `erased`.
+`output_violation` (a flagged answer), `block` and `unblock`, `reversed` (a moderator's
+correction), `appeal_accepted` and `appeal_rejected` (gateway/appeals.py), `note`, and
+`erased` (the one trace an erased user leaves, holding only a hash of the id).
 """
 
 from __future__ import annotations
@@ -18,24 +19,28 @@ type Connection = PoolConnectionProxy[asyncpg.Record]
 
 VIOLATION_KINDS = ("violation", "warning", "output_violation")
 STATE_KINDS = ("block", "unblock")
+DECISION_KINDS = ("reversed", "appeal_accepted", "appeal_rejected")
 MAX_NOTE = 4000
 
-_EVENTS = """
-SELECT id, kind, at, shadow, counted, categories, detector, rule, path, text_sha256, scores, app,
-    points, CASE WHEN isfinite(expires_at) THEN expires_at END AS expires,
-    actor, operator, reason, block_number,
-    CASE WHEN isfinite(blocked_until) THEN blocked_until END AS until,
-    coalesce(blocked_until = 'infinity', false) AS permanent,
-    reversed_at, reversed_by, reverse_reason
-FROM events WHERE user_id = $1
-ORDER BY at DESC, id DESC LIMIT $2
+# What `event_json` reads, from `events e`.
+EVENT_COLUMNS = """
+    e.id, e.kind, e.at, e.shadow, e.counted, e.categories, e.detector, e.rule, e.path, e.text_sha256, e.scores,
+    e.app, e.points, CASE WHEN isfinite(e.expires_at) THEN e.expires_at END AS expires,
+    e.actor, e.operator, e.reason, e.block_number,
+    CASE WHEN isfinite(e.blocked_until) THEN e.blocked_until END AS until,
+    coalesce(e.blocked_until = 'infinity', false) AS permanent,
+    e.reversed_at, e.reversed_by, e.reverse_reason, e.event_ref, e.appeal_id, e.affected, e.note
 """
-# A note's words go in `reason`: the moderator's text, as a block's reason is.
-_ADD_NOTE = """
-INSERT INTO events (user_id, kind, operator, reason)
+_EVENTS = f"""
+SELECT {EVENT_COLUMNS} FROM events e WHERE e.user_id = $1
+ORDER BY e.at DESC, e.id DESC LIMIT $2
+"""  # noqa: S608 (constant text, no input)
+_ADD_NOTE = f"""
+INSERT INTO events AS e (user_id, kind, operator, note)
 SELECT user_id, 'note', $2, $3 FROM users WHERE user_id = $1
-RETURNING id, kind, at, operator, reason
-"""
+RETURNING {EVENT_COLUMNS}
+"""  # noqa: S608
+
 _STATS = """
 SELECT
     (SELECT count(*) FROM users WHERE blocked_until > now()) AS blocked_users,
@@ -106,9 +111,15 @@ def event_json(row: asyncpg.Record) -> dict[str, Any]:
             app=row["app"],
         )
     elif kind == "note":
-        event.update(operator=row["operator"], text=row["reason"])
+        event.update(operator=row["operator"], text=row["note"])
     else:
         event.update(actor=row["actor"], operator=row["operator"], reason=row["reason"])
+    if kind in DECISION_KINDS:
+        event.update(event_id=row["event_ref"])
+        if kind != "reversed":
+            event.update(appeal_id=str(row["appeal_id"]))
+        if kind != "appeal_rejected":
+            event.update(reversed_events=list(row["affected"] or ()))
     if kind in STATE_KINDS:
         event.update(
             block_number=row["block_number"],

@@ -4,7 +4,7 @@ The ones updated on every request are `Hot*` metrics (plain numbers, rendered at
 middleware/hotmetrics.py); the rest are prometheus-client's own.
 """
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from middleware.hotmetrics import HotCounter, HotHistogram
 
@@ -58,4 +58,15 @@ SLOW_CLIENTS = Counter(
     "Connections the server cut for a slow client, by reason: headers (not complete in time: 408), "
     "body_rate (a body behind its minimum rate), body_silence (a body silent too long).",
     ["reason"],
+)
+APPEALS_OPENED = Counter("gateway_appeals_opened_total", "Appeals filed by users (POST /gateway/appeals).")
+APPEALS_DECIDED = Counter(
+    "gateway_appeals_decided_total", "Appeals decided by a moderator, by outcome (accepted, rejected).", ["outcome"]
+)
+for _outcome in ("accepted", "rejected"):
+    APPEALS_DECIDED.labels(_outcome)  # so dashboards see 0 rather than no series
+APPEAL_DECISION_SECONDS = Histogram(
+    "gateway_appeal_decision_seconds",
+    "Time from an appeal's filing to its decision.",
+    buckets=(60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 3 * 86400, 7 * 86400, 14 * 86400, 30 * 86400),
 )

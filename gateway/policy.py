@@ -75,8 +75,8 @@ class Judgement:
 class Policy:
     """The enforcement policy in force (durations in seconds; PERMANENT is `math.inf`).
 
-    `webhooks` and `appeal_window_days` are the store's other settings, carried here so that
-    the store and the block cache take one object.
+    `webhooks`, `appeal_window_days` and `retention_days` are the store's other settings,
+    carried here so that the store and the block cache take one object.
     """
 
     max_strikes: int = 3
@@ -91,6 +91,7 @@ class Policy:
     file: Path | None = None
     webhooks: bool = False
     appeal_window_days: float = 180.0
+    retention_days: float = 365.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:

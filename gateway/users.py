@@ -1,4 +1,5 @@
-"""Users as the admin API reads them: the points that count, a user's status, the list of users.
+"""Users as the admin API and their applications read them: the points that count, a user's status,
+the list of users, a user's standing.
 
 A user's points are the SUM of their counted, unexpired, unreversed violations' points since
 their strikes last reset (gateway/store.py writes them); `counting` is that rule in SQL, shared
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -64,6 +66,47 @@ _LIST_UNBLOCKED = f"""
 SELECT {_STATUS_COLUMNS} FROM users u
 WHERE u.user_id > $2 AND (u.blocked_until IS NULL OR u.blocked_until <= now())
 ORDER BY u.user_id LIMIT $3
+"""  # noqa: S608
+
+# The standing's lists hold at most this many strikes and warnings (a user far past the limit).
+_MAX_LISTED = 1000
+# A strike's or warning's end: its expires_at, or for a row from before schema version 2 the
+# window ($1 seconds; 0: none) after it; NULL: none.
+_ENDS = """CASE WHEN e.expires_at IS NULL
+        THEN CASE WHEN $1::float8 > 0 THEN e.at + make_interval(secs => $1::float8) END
+        WHEN isfinite(e.expires_at) THEN e.expires_at END"""
+
+
+def _appealable(window: str) -> str:
+    """SQL: whether event e may still be appealed; `window`: the appeal window in seconds (0: no appeals)."""
+    return f"""coalesce({window}::float8 > 0 AND e.at > now() - make_interval(secs => {window}::float8)
+        AND NOT EXISTS (SELECT 1 FROM appeals a WHERE a.event_id = e.id), false)"""  # noqa: S608
+
+
+# The standing: $1 the policy's window, $2 the user, $3 the appeal window in seconds.
+_ACTIVE_STRIKES = f"""
+SELECT e.id, e.at, e.categories, e.points, {_ENDS} AS ends, {_appealable("$3")} AS appealable
+FROM users u JOIN events e ON {counting("$1")}
+WHERE u.user_id = $2 AND e.points > 0
+ORDER BY e.at, e.id LIMIT {_MAX_LISTED}
+"""  # noqa: S608
+# Warnings inside the window: while they last, the user's next violations count.
+_ACTIVE_WARNINGS = f"""
+SELECT e.id, e.at, e.categories,
+    CASE WHEN $1::float8 > 0 THEN e.at + make_interval(secs => $1::float8) END AS ends,
+    {_appealable("$3")} AS appealable
+FROM events e
+WHERE e.user_id = $2 AND e.kind = 'warning' AND e.counted AND e.reversed_at IS NULL
+    AND ($1::float8 = 0 OR e.at >= now() - make_interval(secs => $1::float8))
+ORDER BY e.at, e.id LIMIT {_MAX_LISTED}
+"""  # noqa: S608
+# $1 the user, $2 the appeal window in seconds.
+_BLOCK_IN_FORCE = f"""
+SELECT e.id, e.at, coalesce(e.categories, '{{}}') AS categories, e.actor,
+    CASE WHEN isfinite(u.blocked_until) THEN u.blocked_until END AS until,
+    u.blocked_until = 'infinity' AS permanent, {_appealable("$2")} AS appealable
+FROM users u LEFT JOIN events e ON e.id = u.block_event_id
+WHERE u.user_id = $1 AND u.blocked_until > now()
 """  # noqa: S608
 
 
@@ -135,3 +178,58 @@ def status_from(row: asyncpg.Record, policy: Policy) -> UserStatus:
         permanent=row["permanent"],
         blocks=row["blocks"],
     )
+
+
+async def standing(conn: Connection, policy: Policy, user_id: str) -> dict[str, Any]:
+    """What the user's application shows as their account standing, the user's appeals aside.
+
+    A user the gateway never saw stands at zero. Every event is named by its `event_id` (a
+    string, as the refusals give it), the handle of an appeal, with whether it is `appealable`.
+    """
+    window = policy.window
+    appeal_seconds = policy.appeal_window_days * 86400
+    status = await conn.fetchrow(STATUS, window, user_id)
+    strikes = await conn.fetch(_ACTIVE_STRIKES, window, user_id, appeal_seconds)
+    warnings = await conn.fetch(_ACTIVE_WARNINGS, window, user_id, appeal_seconds)
+    block = await conn.fetchrow(_BLOCK_IN_FORCE, user_id, appeal_seconds)
+    return {
+        "user_id": user_id,
+        "strikes": 0 if status is None else status["strikes"],
+        "max_strikes": policy.max_strikes,
+        "blocked": block is not None,
+        "blocked_until": None if block is None else iso(block["until"]),
+        "permanent": block is not None and block["permanent"],
+        "warnings": len(warnings),
+        "active_strikes": [
+            {
+                "event_id": str(row["id"]),
+                "at": iso(row["at"]),
+                "categories": list(row["categories"]),
+                "points": row["points"],
+                "expires_at": iso(row["ends"]),
+                "appealable": row["appealable"],
+            }
+            for row in strikes
+        ],
+        "active_warnings": [
+            {
+                "event_id": str(row["id"]),
+                "at": iso(row["at"]),
+                "categories": list(row["categories"]),
+                "expires_at": iso(row["ends"]),
+                "appealable": row["appealable"],
+            }
+            for row in warnings
+        ],
+        "block": None
+        if block is None
+        else {
+            "event_id": None if block["id"] is None else str(block["id"]),
+            "at": iso(block["at"]),
+            "until": iso(block["until"]),
+            "permanent": block["permanent"],
+            "categories": list(block["categories"]),
+            "by": block["actor"] or "policy",
+            "appealable": block["appealable"],
+        },
+    }

@@ -1,7 +1,7 @@
-"""Webhook delivery: block and unblock events POSTed from the transactional outbox, at least once.
+"""Webhook delivery: block, unblock and appeal events POSTed from the transactional outbox, at least once.
 
-The store writes a `webhook_outbox` row in the same transaction as the state change; this
-module sends those rows, signed `X-Gateway-Signature: sha256=<hex HMAC-SHA256 of the body>`,
+The store writes a `webhook_outbox` row (`enqueue`) in the same transaction as the state change;
+this module sends those rows, signed `X-Gateway-Signature: sha256=<hex HMAC-SHA256 of the body>`,
 and retries failures with capped exponential backoff. All delivery state lives in the table,
 so a restart, a second replica or a receiver that is down for hours loses nothing.
 """
@@ -15,9 +15,12 @@ import hmac
 import random
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 import aiohttp
+import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import Counter, Gauge
 from pydantic import SecretStr
 
@@ -75,6 +78,7 @@ WHERE o.id = r.id AND o.delivered_at IS NULL
 """
 
 _PENDING = "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL"
+_ENQUEUE = "INSERT INTO webhook_outbox (event_id, payload) VALUES ($1, $2)"
 
 _ERROR_CHARS = 200
 
@@ -94,6 +98,11 @@ class _Retry:
     id: int
     delay: float
     error: str | None  # None: held back, not attempted
+
+
+async def enqueue(conn: PoolConnectionProxy[asyncpg.Record], event_id: int, payload: dict[str, Any]) -> None:
+    """Queue `payload` for delivery, inside the caller's transaction of the change it announces."""
+    await conn.execute(_ENQUEUE, event_id, payload)
 
 
 def sign(secret: bytes, body: bytes) -> str:
