@@ -41,6 +41,7 @@ from gateway.logs import configure_logging
 from gateway.operators import Operators
 from gateway.proxy import Upstream
 from gateway.settings import Settings, SettingsError, load_settings
+from gateway.standing import standing_app
 from gateway.store import Policy, Store
 from gateway.sweeper import ExpirySweeper
 from gateway.webhooks import WebhookSender
@@ -161,7 +162,10 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        code, message = "not_found", f"No route {request.url.path}: the gateway serves /v1/*, /admin/*, /healthz."
+        code, message = (
+            "not_found",
+            f"No route {request.url.path}: the gateway serves /v1/*, /gateway/*, /admin/*, /healthz.",
+        )
     elif exc.status_code == 405:
         code, message = "method_not_allowed", f"{request.method} is not allowed on {request.url.path}."
     else:
@@ -247,6 +251,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             _mount("/admin", admin_app(store, settings, operators=operators)),
+            _mount("/gateway", standing_app(store, settings)),
         ],
         lifespan=lifespan,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _server_error},
