@@ -1,4 +1,5 @@
-"""The admin REST API (`/admin`): users, blocks, audit events, notes, stats and operators.
+"""The admin REST API (`/admin`): users, blocks, audit events, notes, stats, the policy, appeals,
+reversal, erasure and operators.
 
 Every call but the OpenAPI document is made by an operator bearing a token (gateway/operators.py)
 and needs the role its operation declares.
@@ -29,17 +30,26 @@ from starlette.websockets import WebSocketClose
 
 from gateway.admin_models import (
     AddedOperator,
+    Appeal,
+    AppealList,
+    AppealParams,
     BlockRequest,
+    DecisionRequest,
     Event,
     EventList,
+    EventParams,
+    ListAppealsParams,
     ListUsersParams,
     NewOperator,
+    NoContent,
     NoParams,
     NoteRequest,
     OperatorInfo,
     OperatorList,
     OperatorParams,
+    PolicyDocument,
     RemovedOperator,
+    ReverseRequest,
     Stats,
     UnblockRequest,
     UserEventsParams,
@@ -49,6 +59,7 @@ from gateway.admin_models import (
 )
 from gateway.admin_openapi import Operation, Operations, build_document
 from gateway.admin_requests import read_body, read_params
+from gateway.appeals import not_found as appeal_not_found
 from gateway.operators import Operator, OperatorExists, Operators, require
 from gateway.settings import Settings
 from gateway.store import Store
@@ -164,6 +175,8 @@ class AdminAPI:
         params = read_params(operation.params, request)
         body = None if operation.body is None else await read_body(operation.body, request)
         answer = await operation.handler(self, params, body, operator)
+        if operation.status == 204:
+            return Response(status_code=204)
         # Admin answers describe live state: no cache should keep them.
         content = orjson.dumps(answer.model_dump(mode="json", exclude_unset=True))
         return Response(
@@ -274,6 +287,96 @@ class AdminAPI:
     )
     async def _stats(self, params: NoParams, body: None, operator: Operator) -> Stats:
         return Stats.model_validate(await self._store.stats())
+
+    @operations(
+        "DELETE",
+        "/users/{user_id}",
+        "eraseUser",
+        "Erase a user's state, events and appeals; one `erased` event keeps only a SHA-256 of the id",
+        params=UserParams,
+        response=NoContent,
+        role="admin",
+        status=204,
+        not_found=True,
+    )
+    async def _erase(self, params: UserParams, body: None, operator: Operator) -> NoContent:
+        if not await self._store.erase_user(params.user_id, operator=operator.name):
+            _known(None)
+        return NoContent()
+
+    @operations(
+        "GET",
+        "/policy",
+        "getPolicy",
+        "The enforcement policy in force",
+        params=NoParams,
+        response=PolicyDocument,
+        role="viewer",
+    )
+    async def _policy(self, params: NoParams, body: None, operator: Operator) -> PolicyDocument:
+        return PolicyDocument.model_validate(self._store.policy.to_json())
+
+    @operations(
+        "GET",
+        "/appeals",
+        "listAppeals",
+        "Appeals in one status (the open queue by default), oldest first, one page at a time",
+        params=ListAppealsParams,
+        response=AppealList,
+        role="viewer",
+    )
+    async def _list_appeals(self, params: ListAppealsParams, body: None, operator: Operator) -> AppealList:
+        page, cursor = await self._store.list_appeals(params.status, limit=params.limit, after=params.after)
+        return AppealList(data=[Appeal.model_validate(appeal.to_admin_json()) for appeal in page], next=cursor)
+
+    @operations(
+        "GET",
+        "/appeals/{appeal_id}",
+        "getAppeal",
+        "An appeal",
+        params=AppealParams,
+        response=Appeal,
+        role="viewer",
+        not_found=True,
+    )
+    async def _get_appeal(self, params: AppealParams, body: None, operator: Operator) -> Appeal:
+        appeal = await self._store.appeal(params.appeal_id)
+        if appeal is None:
+            raise appeal_not_found(params.appeal_id)
+        return Appeal.model_validate(appeal.to_admin_json())
+
+    @operations(
+        "POST",
+        "/appeals/{appeal_id}/decision",
+        "decideAppeal",
+        "Accept or reject an open appeal",
+        params=AppealParams,
+        body=DecisionRequest,
+        response=Appeal,
+        role="moderator",
+        not_found=True,
+        conflict=True,
+    )
+    async def _decide(self, params: AppealParams, body: DecisionRequest, operator: Operator) -> Appeal:
+        appeal = await self._store.decide_appeal(
+            params.appeal_id, accept=body.decision == "accept", reason=body.reason, operator=operator.name
+        )
+        return Appeal.model_validate(appeal.to_admin_json())
+
+    @operations(
+        "POST",
+        "/events/{event_id}/reverse",
+        "reverseEvent",
+        "Reverse a violation, warning or block and what it caused; the user's status after it",
+        params=EventParams,
+        body=ReverseRequest,
+        response=UserStatus,
+        role="moderator",
+        not_found=True,
+    )
+    async def _reverse(self, params: EventParams, body: ReverseRequest, operator: Operator) -> UserStatus:
+        status = await self._store.reverse_event(params.event_id, reason=body.reason, operator=operator.name)
+        return UserStatus.model_validate(status.to_json())
 
     @operations(
         "GET",

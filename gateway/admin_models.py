@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.appeals import ID
 from gateway.events import MAX_NOTE
 from gateway.operators import BUILTIN, MAX_NAME, NAME_RULE, Role, name_problem
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, decode_cursor
@@ -176,6 +177,59 @@ class OperatorParams(_Strict):
     name: OperatorName
 
 
+def _path_id(name: str) -> Any:
+    def parse(raw: object) -> object:
+        if isinstance(raw, str):
+            if not ID.fullmatch(raw):
+                raise _refused(f"The {name} in the path must be a whole number of at most 18 digits.")
+            return int(raw)
+        return raw
+
+    return BeforeValidator(parse)
+
+
+AppealId = Annotated[
+    int,
+    _path_id("appeal id"),
+    WithJsonSchema({"type": "string", "pattern": "^[0-9]{1,18}$", "description": "The appeal's id."}),
+]
+EventId = Annotated[
+    int,
+    _path_id("event id"),
+    WithJsonSchema(
+        {"type": "string", "pattern": "^[0-9]{1,18}$", "description": "The event's id (a refusal's `event_id`)."}
+    ),
+]
+
+
+class AppealParams(_Strict):
+    appeal_id: AppealId
+
+
+class EventParams(_Strict):
+    event_id: EventId
+
+
+def _appeal_cursor(value: str) -> str:
+    try:
+        decoded = decode_cursor(value)
+    except ValueError:
+        decoded = None
+    if decoded is None or (decoded and not ID.fullmatch(decoded)):
+        raise _refused("after must be the next cursor of a previous page of appeals.")
+    return value
+
+
+class ListAppealsParams(_Strict):
+    status: Literal["open", "accepted", "rejected"] = Field(
+        default="open", description="Which appeals: `open` (the queue, the default), `accepted` or `rejected`."
+    )
+    limit: Limit = DEFAULT_LIMIT
+    after: Annotated[str, AfterValidator(_appeal_cursor)] | None = Field(
+        default=None, description="The `next` cursor of the previous page."
+    )
+
+
 # --- request bodies -------------------------------------------------------------------------
 
 Reason = Annotated[str, Field(max_length=MAX_REASON), AfterValidator(_without_nul)]
@@ -231,6 +285,30 @@ class NoteRequest(_Strict):
     text: Annotated[str, Field(min_length=1, max_length=MAX_NOTE), AfterValidator(_words)] = Field(
         description="The moderator's words, kept in the audit trail (no NUL characters)."
     )
+
+
+def _said(value: str) -> str:
+    if not value.strip():
+        raise _refused("reason must say why; it is empty.")
+    return value
+
+
+Why = Annotated[Reason, AfterValidator(_said)]
+
+
+class DecisionRequest(_Strict):
+    """`accept` reverses the appealed event and what it caused (a block it caused lifts at once);
+    `reject` changes nothing but the appeal. The reason is kept in the audit trail and shown to
+    the user's application."""
+
+    decision: Literal["accept", "reject"]
+    reason: Why = Field(description=_REASON)
+
+
+class ReverseRequest(_Strict):
+    """Reverse a violation, warning or block and what it caused, as an accepted appeal would."""
+
+    reason: Why = Field(description=_REASON)
 
 
 class NewOperator(_Strict):
@@ -360,6 +438,55 @@ class RemovedOperator(OperatorInfo):
 
     removed_at: Time
     removed_by: str
+
+
+class Appeal(_StoreAnswer):
+    """An appeal, with the event appealed."""
+
+    id: str
+    event_id: str
+    user_id: str
+    status: Literal["open", "accepted", "rejected"]
+    message: str = Field(description="The user's words.")
+    created_at: Time
+    decided_at: Time | None
+    decided_by: str | None = Field(description="The operator who decided it.")
+    decision_reason: str | None
+    event: Event | None = Field(description="The event appealed, as the user's audit trail lists it.")
+
+
+class AppealList(_Answer):
+    """One page of appeals, oldest first."""
+
+    data: list[Appeal]
+    next: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
+
+
+class LadderRule(_Answer):
+    weight: int
+    expires: float = Field(description="Seconds a strike of this category counts; 0: until a block or unblock.")
+    action: Literal["strike", "block"]
+    duration: float | Literal["permanent"] | None = Field(description="A zero-tolerance block's length.")
+
+
+class PolicyDocument(_StoreAnswer):
+    """The enforcement policy in force; durations in seconds, or "permanent"."""
+
+    source: Literal["environment", "file"]
+    file: str | None
+    max_strikes: int
+    window: float = Field(description="Seconds a strike counts unless its category says otherwise; 0: no expiry.")
+    warnings: int
+    ladder: list[float | Literal["permanent"]]
+    escalation: float
+    max_block: float
+    permanent_after_blocks: int
+    categories: dict[str, LadderRule]
+    appeal_window_days: float
+
+
+class NoContent(_Answer):
+    """Done; no body."""
 
 
 class ErrorDetail(BaseModel):

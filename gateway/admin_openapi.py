@@ -33,9 +33,9 @@ class Operation:
     response: type[BaseModel]
     handler: Handler
     role: Role  # the lowest role allowed to call it
-    status: int  # of a success: 200, or 201 when it creates something
-    not_found: bool  # may answer 404 (`user_not_found`, `operator_not_found`)
-    conflict: bool  # may answer 409 (`operator_exists`)
+    status: int  # of a success: 200, 201 when it creates something, 204 when it answers no body
+    not_found: bool  # may answer 404 (`user_not_found`, `operator_not_found`, `appeal_not_found`, ...)
+    conflict: bool  # may answer 409 (`operator_exists`, `appeal_decided`)
 
 
 class Operations:
@@ -108,7 +108,8 @@ def build_document(operations: Operations) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `operations`, its schemas made from their models."""
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(Error, "serialization")]
     for operation in operations:
-        models.append((operation.response, "serialization"))
+        if operation.status != 204:
+            models.append((operation.response, "serialization"))
         if operation.body is not None:
             models.append((operation.body, "validation"))
     refs, schemas = models_json_schema(list(dict.fromkeys(models)), ref_template=_REF, schema_generator=_Schema)
@@ -121,8 +122,11 @@ def build_document(operations: Operations) -> dict[str, Any]:
         }
         if parameters := _parameters(operation):
             described["parameters"] = parameters
-        success = _response(_doc(operation.response), refs[(operation.response, "serialization")])
-        responses = {str(operation.status): success}
+        if operation.status == 204:
+            responses: dict[str, Any] = {"204": {"description": _doc(operation.response)}}
+        else:
+            success = _response(_doc(operation.response), refs[(operation.response, "serialization")])
+            responses = {str(operation.status): success}
         responses["400"] = {"$ref": "#/components/responses/BadRequest"}
         responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
         if operation.role != ROLES[0]:
@@ -161,9 +165,10 @@ def build_document(operations: Operations) -> dict[str, Any]:
             "title": "chat-gateway admin API",
             "version": "1",
             "description": (
-                "Inspect users, block and unblock them, read their audit trail, manage operators. "
-                "Each operation names the lowest role that may call it (`x-role`): `viewer` reads, "
-                "`moderator` also acts on users, `admin` also manages operators. Disabled (503 "
+                "Inspect users, block and unblock them, read their audit trail, decide appeals, reverse "
+                "mistakes, erase users, manage operators. Each operation names the lowest role that may "
+                "call it (`x-role`): `viewer` reads, `moderator` also acts on users and decides appeals, "
+                "`admin` also erases users and manages operators. Disabled (503 "
                 "`admin_disabled`) while GATEWAY_ADMIN_TOKEN is unset and no operator is stored. "
                 "Errors are OpenAI-shaped."
             ),
@@ -192,11 +197,16 @@ def build_document(operations: Operations) -> dict[str, Any]:
                     "The operator's role is below the operation's (`error.code`: `insufficient_role`).", error
                 ),
                 "NotFound": _response(
-                    "The gateway has never recorded this user (`error.code`: `user_not_found`), or no such "
-                    "operator is stored (`operator_not_found`).",
+                    "The gateway has never recorded this user (`error.code`: `user_not_found`), no such operator "
+                    "is stored (`operator_not_found`), or there is no such appeal (`appeal_not_found`) or "
+                    "violation, warning or block (`event_not_found`).",
                     error,
                 ),
-                "Conflict": _response("An operator of that name exists (`error.code`: `operator_exists`).", error),
+                "Conflict": _response(
+                    "An operator of that name exists (`error.code`: `operator_exists`), or the appeal was decided "
+                    "already (`appeal_decided`).",
+                    error,
+                ),
                 "TooLarge": _response(
                     f"The body is over {MAX_BODY_BYTES} bytes (`error.code`: `request_too_large`).", error
                 ),
