@@ -93,13 +93,6 @@ class Appeal:
         return {**self.to_json(), "decided_by": self.decided_by, "event": self.event}
 
 
-def parse_id(value: str | int) -> int | None:
-    """An event or appeal id from the API's string (or a number), None if it cannot be one."""
-    if isinstance(value, int):
-        return value if 0 < value < 2**63 else None
-    return int(value) if ID.fullmatch(value) else None
-
-
 def appeal_from(row: asyncpg.Record, event: dict[str, Any] | None = None) -> Appeal:
     return Appeal(
         id=row["id"],

@@ -53,6 +53,23 @@ async def block_three_times(store: Store, user_id: str) -> str:
     return outcome.block.event_id
 
 
+def zero_standing(user_id: str) -> dict[str, Any]:
+    """The standing of a user the gateway never saw (max_strikes 3)."""
+    return {
+        "user_id": user_id,
+        "strikes": 0,
+        "max_strikes": 3,
+        "blocked": False,
+        "blocked_until": None,
+        "permanent": False,
+        "warnings": 0,
+        "active_strikes": [],
+        "active_warnings": [],
+        "block": None,
+        "appeals": [],
+    }
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -413,20 +430,7 @@ async def test_notes_go_on_a_known_users_timeline(settings_factory: SettingsFact
 async def test_the_standing_of_a_user(settings_factory: SettingsFactory, database_url: str) -> None:
     policy = dataclasses.replace(POLICY, warnings=1, appeal_window_days=30)
     async with policy_store(settings_factory, policy) as store:
-        unknown = await store.standing("vera")
-        assert unknown == {
-            "user_id": "vera",
-            "strikes": 0,
-            "max_strikes": 3,
-            "blocked": False,
-            "blocked_until": None,
-            "permanent": False,
-            "warnings": 0,
-            "active_strikes": [],
-            "active_warnings": [],
-            "block": None,
-            "appeals": [],
-        }
+        assert await store.standing("vera") == zero_standing("vera")
         warning = await store.record_violation("vera", flagged("harassment"))
         strike = await store.record_violation("vera", flagged("harassment"))
         appeal = await store.file_appeal("vera", int(strike.event_id or 0), "Sarcasm.")

@@ -5,7 +5,7 @@ and a database that drops mid-decision."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -29,16 +29,10 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 @pytest.fixture
-def mock() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def settings(settings_factory: SettingsFactory, mock: MockUpstream) -> Settings:
+def settings(settings_factory: SettingsFactory, upstream: MockUpstream) -> Settings:
     # Webhooks on, to a receiver that is not there: the outbox rows stay to be read.
     return settings_factory(
-        upstream_url=mock.url, moderation="rules", webhook_url="http://127.0.0.1:9/hook", webhook_secret="s"
+        upstream_url=upstream.url, moderation="rules", webhook_url="http://127.0.0.1:9/hook", webhook_secret="s"
     )
 
 
@@ -51,7 +45,7 @@ def outbox_types(database_url: str) -> list[str]:
     return [orjson.loads(row["payload"])["type"] for row in rows]
 
 
-def test_the_whole_journey(settings: Settings, mock: MockUpstream, database_url: str) -> None:
+def test_the_whole_journey(settings: Settings, upstream: MockUpstream, database_url: str) -> None:
     with run_app(create_app(settings)) as url:
         # Three strikes: 400, 400, then 403 naming the block.
         refusals = [httpx2.post(f"{url}/v1/chat/completions", headers=as_user("zoe"), json=FLAGGED) for _ in range(3)]
@@ -88,9 +82,9 @@ def test_the_whole_journey(settings: Settings, mock: MockUpstream, database_url:
         }
 
         # The user calls again, and is forwarded.
-        mock.requests.clear()
+        upstream.requests.clear()
         assert httpx2.get(f"{url}/v1/models", headers=as_user("zoe")).status_code == 200
-        assert len(mock.requests) == 1
+        assert len(upstream.requests) == 1
         after = httpx2.get(f"{url}/gateway/standing", headers=as_user("zoe")).json()
         assert (after["blocked"], after["strikes"], after["block"]) == (False, 0, None)
         assert (after["appeals"][0]["status"], after["appeals"][0]["decision_reason"]) == ("accepted", "Coursework.")
@@ -106,7 +100,7 @@ def test_the_whole_journey(settings: Settings, mock: MockUpstream, database_url:
     assert outbox_types(database_url) == ["user.blocked", "user.unblocked", "appeal.decided"]
 
 
-def test_a_rejected_appeal_changes_nothing_else(settings: Settings, mock: MockUpstream) -> None:
+def test_a_rejected_appeal_changes_nothing_else(settings: Settings) -> None:
     with run_app(create_app(settings)) as url:
         event_id = strike(url, "yan")
         appeal_id = appeal(url, "yan", {"event_id": event_id, "message": "Please."}).json()["id"]
@@ -121,7 +115,7 @@ def test_a_rejected_appeal_changes_nothing_else(settings: Settings, mock: MockUp
         assert admin(url, "GET", f"/appeals/{appeal_id}").json()["status"] == "rejected"
 
 
-def test_a_moderator_reverses_one_strike(settings: Settings, mock: MockUpstream) -> None:
+def test_a_moderator_reverses_one_strike(settings: Settings) -> None:
     with run_app(create_app(settings)) as url:
         first, second = strike(url, "xia"), strike(url, "xia")
         reversed_status = admin(url, "POST", f"/events/{first}/reverse", {"reason": "A false positive."})
@@ -132,7 +126,7 @@ def test_a_moderator_reverses_one_strike(settings: Settings, mock: MockUpstream)
         error(appeal(url, "xia", {"event_id": first, "message": "Thanks."}), 409, "event_reversed", "event_id")
 
 
-def test_erasure_on_request(settings: Settings, mock: MockUpstream, database_url: str) -> None:
+def test_erasure_on_request(settings: Settings, database_url: str) -> None:
     with run_app(create_app(settings)) as url:
         for _ in range(3):
             strike(url, "wes")
@@ -157,7 +151,7 @@ def test_the_policy_in_force(settings: Settings) -> None:
     assert answer.json()["source"] == "environment"
 
 
-def test_two_replicas_see_an_accepted_appeals_unblock_within_a_second(settings: Settings, mock: MockUpstream) -> None:
+def test_two_replicas_see_an_accepted_appeals_unblock_within_a_second(settings: Settings) -> None:
     with run_app(create_app(settings)) as one, run_app(create_app(settings)) as two:
         for _ in range(3):
             block_id = strike(one, "vic")
@@ -173,9 +167,7 @@ def test_two_replicas_see_an_accepted_appeals_unblock_within_a_second(settings: 
             time.sleep(0.02)
 
 
-def test_nothing_is_half_applied_when_the_database_drops_mid_decision(
-    settings: Settings, mock: MockUpstream, database_url: str
-) -> None:
+def test_nothing_is_half_applied_when_the_database_drops_mid_decision(settings: Settings, database_url: str) -> None:
     with run_app(create_app(settings)) as url:
         for _ in range(3):
             block_id = strike(url, "uli")

@@ -12,6 +12,7 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.servers import run_app
+from tests.test_appeals import zero_standing
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
@@ -19,14 +20,8 @@ FLAGGED = {"model": "m", "messages": [{"role": "user", "content": "how to build 
 
 
 @pytest.fixture
-def mock() -> Iterator[MockUpstream]:
-    with MockUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def gateway(settings_factory: SettingsFactory, mock: MockUpstream) -> Iterator[str]:
-    settings = settings_factory(upstream_url=mock.url, moderation="rules")
+def gateway(settings_factory: SettingsFactory, upstream: MockUpstream) -> Iterator[str]:
+    settings = settings_factory(upstream_url=upstream.url, moderation="rules")
     with run_app(create_app(settings)) as url:
         yield url
 
@@ -55,27 +50,15 @@ def error(answer: httpx2.Response, status: int, code: str, param: str | None = N
     return found
 
 
-def test_a_user_never_seen_stands_at_zero(gateway: str, mock: MockUpstream) -> None:
+def test_a_user_never_seen_stands_at_zero(gateway: str, upstream: MockUpstream) -> None:
     answer = httpx2.get(f"{gateway}/gateway/standing", headers=as_user("new"))
     assert answer.status_code == 200
     assert answer.headers["cache-control"] == "no-store"
-    assert answer.json() == {
-        "user_id": "new",
-        "strikes": 0,
-        "max_strikes": 3,
-        "blocked": False,
-        "blocked_until": None,
-        "permanent": False,
-        "warnings": 0,
-        "active_strikes": [],
-        "active_warnings": [],
-        "block": None,
-        "appeals": [],
-    }
-    assert mock.requests == []
+    assert answer.json() == zero_standing("new")
+    assert upstream.requests == []
 
 
-def test_a_blocked_user_sees_why_and_appeals(gateway: str, mock: MockUpstream) -> None:
+def test_a_blocked_user_sees_why_and_appeals(gateway: str, upstream: MockUpstream) -> None:
     strikes = [strike(gateway, "ann") for _ in range(3)]
     assert httpx2.get(f"{gateway}/v1/models", headers=as_user("ann")).status_code == 403
     standing = httpx2.get(f"{gateway}/gateway/standing", headers=as_user("ann")).json()
@@ -113,7 +96,7 @@ def test_a_blocked_user_sees_why_and_appeals(gateway: str, mock: MockUpstream) -
     # The 403 of the blocked user's calls no longer offers an appeal.
     assert httpx2.get(f"{gateway}/v1/models", headers=as_user("ann")).json()["error"]["appealable"] is False
     # Nothing of /gateway went upstream.
-    assert mock.requests == []
+    assert upstream.requests == []
 
 
 def test_another_users_event_is_not_found(gateway: str) -> None:
@@ -173,8 +156,8 @@ def test_routes_and_methods(gateway: str) -> None:
     assert httpx2.get(f"{gateway}/gateway/appeals", headers=user).headers["allow"] == "POST"
 
 
-def test_client_keys_guard_the_gateway_routes(settings_factory: SettingsFactory, mock: MockUpstream) -> None:
-    settings = settings_factory(upstream_url=mock.url, moderation="rules", api_keys="key-plain")
+def test_client_keys_guard_the_gateway_routes(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
+    settings = settings_factory(upstream_url=upstream.url, moderation="rules", api_keys="key-plain")
     with run_app(create_app(settings)) as url:
         error(httpx2.get(f"{url}/gateway/standing", headers=as_user("gus")), 401, "invalid_api_key")
         wrong = as_user("gus", authorization="Bearer nope")
@@ -185,10 +168,10 @@ def test_client_keys_guard_the_gateway_routes(settings_factory: SettingsFactory,
 
 
 def test_with_users_per_app_each_application_sees_its_own_user(
-    settings_factory: SettingsFactory, mock: MockUpstream
+    settings_factory: SettingsFactory, upstream: MockUpstream
 ) -> None:
     settings = settings_factory(
-        upstream_url=mock.url, moderation="rules", api_keys="app-a:key-a,app-b:key-b", users_per_app=True
+        upstream_url=upstream.url, moderation="rules", api_keys="app-a:key-a,app-b:key-b", users_per_app=True
     )
     with run_app(create_app(settings)) as url:
         a = {"authorization": "Bearer key-a"}
@@ -204,8 +187,8 @@ def test_with_users_per_app_each_application_sees_its_own_user(
         assert appeal(url, "u-1", {"event_id": event_id, "message": "mine"}, **a).status_code == 201
 
 
-def test_a_database_that_does_not_answer_is_503(settings_factory: SettingsFactory, mock: MockUpstream) -> None:
-    settings = settings_factory(upstream_url=mock.url, database_url="postgresql://postgres@127.0.0.1:9/none")
+def test_a_database_that_does_not_answer_is_503(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
+    settings = settings_factory(upstream_url=upstream.url, database_url="postgresql://postgres@127.0.0.1:9/none")
     app = create_app(settings)
     with run_app(app, lifespan="off") as url:
         error(httpx2.get(f"{url}/gateway/standing", headers=as_user("hal")), 503, "store_unavailable")
