@@ -8,8 +8,8 @@ violations after `strikes_since`. An expired block is no block; whichever transa
 notices one (a strike, an admin call, the sweeper) records its `expiry` unblock. Every change of
 block state writes its audit event, a `gateway_blocks` notification and, with webhooks on, an
 outbox row in the same transaction (gateway/blocks.py). Appeals, reversals, erasure and
-retention take the same row lock (gateway/appeals.py, reversal.py, lifecycle.py). What the admin
-API only reads lives in gateway/users.py and gateway/events.py.
+retention take the same row lock (gateway/casework.py). What the admin API only reads lives in
+gateway/users.py and gateway/events.py.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from gateway import appeals, blocks, events, lifecycle, reversal, users
-from gateway.appeals import Appeal
+from gateway import blocks, events
 from gateway.blockcache import BLOCK_COLUMNS, BLOCK_EVENT, CHANNEL, BlockCache, block_from
+from gateway.casework import Casework
 from gateway.database import Database
 from gateway.events import iso
-from gateway.metrics import APPEAL_DECISION_SECONDS, APPEALS_DECIDED, APPEALS_OPENED, BLOCK_CHECKS, WARNINGS
+from gateway.metrics import BLOCK_CHECKS, WARNINGS
 from gateway.policy import MAX_SECONDS
 from gateway.policy import Policy as Policy  # re-exported: the app builds the Store with it
 from gateway.users import MAX_PAGE as MAX_PAGE  # re-exported for the admin API
@@ -102,8 +102,10 @@ FOR UPDATE SKIP LOCKED
 _USER_EXPIRED = "SELECT coalesce(blocked_until <= now(), false) FROM users WHERE user_id = $1"
 
 
-class Store:
+class Store(Casework):
     """The strike store on PostgreSQL; implements middleware.protocols.StrikeStore.
+
+    Standing, appeals, reversal, notes, erasure and retention are its `Casework` (gateway/casework.py).
 
     With a `BlockCache`, `current_block` answers from memory while the cache is valid and asks
     the database otherwise; every change of block state made here is written through to it.
@@ -299,11 +301,9 @@ class Store:
     async def unblock(self, user_id: str, *, reason: str | None = None, operator: str = "admin") -> UserStatus | None:
         """Lift the block and reset strikes (idempotent); None if the user is unknown."""
         async with self._connection() as conn, conn.transaction():
-            state = await conn.fetchrow(_LOCK_EXISTING, user_id)
+            state = await self._lock(conn, user_id)
             if state is None:
                 return None
-            if state["expired"]:
-                await blocks.expire(conn, self.policy, user_id, state)
             await blocks.unblock(conn, self.policy, user_id, state, reason=reason, operator=operator)
             row = await conn.fetchrow(STATUS, self.policy.window, user_id)
         self._learned(user_id, None)
@@ -340,11 +340,6 @@ class Store:
             expired, found = await self._read(work)
         return found
 
-    async def add_note(self, user_id: str, operator: str, text: str) -> dict[str, Any] | None:
-        """A moderator's note on the user's timeline (an event of type `note`); None if the user is unknown."""
-        async with self._connection() as conn:
-            return await events.add_note(conn, user_id, operator, text)
-
     async def stats(self) -> dict[str, Any]:
         """The admin API's 24-hour statistics (gateway/events.py)."""
         return await self._read(events.stats)
@@ -369,134 +364,6 @@ class Store:
 
         await self._read(work)
 
-    # -- standing, appeals, reversal, notes, erasure, retention -----------------------------------
-
-    async def standing(self, user_id: str) -> dict[str, Any]:
-        """The user's standing for their application (gateway/users.py) with their appeals."""
-
-        async def work(conn: Connection) -> dict[str, Any]:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                found = await users.standing(conn, self.policy, user_id)
-                found["appeals"] = [appeal.to_json() for appeal in await appeals.of_user(conn, user_id)]
-                return found
-
-        return await self._read(work)
-
-    async def file_appeal(self, user_id: str, event_id: int, message: str) -> Appeal:
-        """The user's appeal of one of their violations or blocks; raises GatewayError (gateway/appeals.py)."""
-        async with self._connection() as conn, conn.transaction():
-            await self._lock(conn, user_id)
-            appeal = await appeals.file(conn, self.policy, user_id, event_id, message)
-        APPEALS_OPENED.inc()
-        log.info("appeal filed", user_id=user_id, appeal_id=appeal.id, event_id=event_id)
-        return appeal
-
-    async def appeal(self, appeal_id: int) -> Appeal | None:
-        return await self._read(lambda conn: appeals.one(conn, appeal_id))
-
-    async def list_appeals(
-        self, status: appeals.Status = "open", *, limit: int = 100, after: str | None = None
-    ) -> tuple[list[Appeal], str | None]:
-        """A page of appeals in `status`, oldest first, and the next page's cursor."""
-        return await self._read(lambda conn: appeals.page(conn, status, limit=limit, after=after))
-
-    async def decide_appeal(self, appeal_id: int, *, accept: bool, reason: str, operator: str = "admin") -> Appeal:
-        """Accept (reversing the event and what it caused) or reject an open appeal, in one transaction.
-
-        Raises GatewayError 404 `appeal_not_found`, 409 `appeal_decided`.
-        """
-        async with self._connection() as conn, conn.transaction():
-            user_id = await appeals.owner(conn, appeal_id)
-            state = None if user_id is None else await self._lock(conn, user_id)
-            appeal = None if state is None else await appeals.lock(conn, appeal_id)
-            if user_id is None or state is None or appeal is None:
-                raise appeals.not_found(appeal_id)
-            if appeal.status != "open":
-                raise appeals.decided(appeal)
-            done = None
-            if accept:
-                done = await reversal.reverse(
-                    conn, self.policy, user_id, state, appeal.event_id, operator=operator, reason=reason
-                )
-            decided = await appeals.decide(conn, appeal, "accepted" if accept else "rejected", operator, reason)
-            kind: reversal.Decision = "appeal_accepted" if accept else "appeal_rejected"
-            await reversal.record(
-                conn,
-                self.policy,
-                user_id,
-                kind,
-                event_id=appeal.event_id,
-                operator=operator,
-                reason=reason,
-                reversal=done,
-                appeal=decided,
-            )
-            answer = await appeals.one(conn, appeal_id)
-        if done is not None and done.lifted:
-            self._learned(user_id, None)
-        assert answer is not None
-        assert decided.decided_at is not None
-        APPEALS_DECIDED.labels(decided.status).inc()
-        APPEAL_DECISION_SECONDS.observe((decided.decided_at - decided.created_at).total_seconds())
-        log.info("appeal decided", user_id=user_id, appeal_id=appeal_id, status=decided.status, operator=operator)
-        return answer
-
-    async def reverse_event(self, event_id: int, *, reason: str, operator: str = "admin") -> UserStatus:
-        """A moderator's own correction: reverse the event and what it caused (gateway/reversal.py).
-
-        Idempotent; raises GatewayError 404 `event_not_found`.
-        """
-        async with self._connection() as conn, conn.transaction():
-            user_id = await reversal.owner(conn, event_id)
-            state = None if user_id is None else await self._lock(conn, user_id)
-            if user_id is None or state is None:
-                raise reversal.event_not_found(event_id)
-            done = await reversal.reverse(conn, self.policy, user_id, state, event_id, operator=operator, reason=reason)
-            if done.reversed:
-                await reversal.record(
-                    conn,
-                    self.policy,
-                    user_id,
-                    "reversed",
-                    event_id=event_id,
-                    operator=operator,
-                    reason=reason,
-                    reversal=done,
-                )
-            row = await conn.fetchrow(STATUS, self.policy.window, user_id)
-        if done.lifted:
-            self._learned(user_id, None)
-        log.info("event reversed", user_id=user_id, event_id=event_id, reversed=done.reversed, operator=operator)
-        assert row is not None
-        return status_from(row, self.policy)
-
-    async def erase_user(self, user_id: str, *, operator: str = "admin") -> bool:
-        """Erase the user's state, events and appeals, keeping one `erased` event; False if unknown."""
-        async with self._connection() as conn, conn.transaction():
-            erased = await lifecycle.erase(conn, user_id, operator=operator)
-        if erased:
-            self._learned(user_id, None)
-            # The log keeps what the audit keeps: the hash, never the id.
-            log.info("user erased", user_sha256=lifecycle.user_hash(user_id), operator=operator)
-        return erased
-
-    async def sweep_retention(self) -> int:
-        """Delete expendable events past the retention, and outbox rows delivered over a week ago,
-        in batches of their own short transactions; the number of events deleted."""
-        deleted = 0
-        days = self.policy.retention_days
-        while days > 0:
-            async with self._connection() as conn, conn.transaction():
-                batch = await lifecycle.delete_old_events(conn, days=days, window=self.policy.window)
-            deleted += batch
-            if batch < lifecycle.BATCH:
-                break
-        while True:
-            async with self._connection() as conn, conn.transaction():
-                batch = await lifecycle.delete_delivered(conn)
-            if batch < lifecycle.BATCH:
-                return deleted
-
     # -- inside a transaction holding the user's row lock ----------------------------------------
 
     async def _lock(self, conn: Connection, user_id: str) -> asyncpg.Record | None:
@@ -509,9 +376,7 @@ class Store:
 
     async def _expire_one(self, user_id: str) -> None:
         async with self._connection() as conn, conn.transaction():
-            state = await conn.fetchrow(_LOCK_EXISTING, user_id)
-            if state is not None and state["expired"]:
-                await blocks.expire(conn, self.policy, user_id, state)
+            await self._lock(conn, user_id)
 
     async def _insert(
         self,
