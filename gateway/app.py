@@ -5,7 +5,7 @@ Every request takes one path (docs/DESIGN.md draws it):
     Gateway: /v1/... or the rest (lifespan and websockets go to the site app)
       RequestContextMiddleware: request id, access line, metrics, unexpected errors as JSON
         /v1/...   (a mount) ClientKeyMiddleware -> ModerationMiddleware -> Upstream (the proxy)
-        the rest  uvicorn's ProxyHeadersMiddleware -> Starlette: /healthz /readyz /metrics /admin
+        the rest  uvicorn's ProxyHeadersMiddleware -> Starlette: /healthz /readyz /metrics /admin /gateway
 
 The /v1 branch is pure ASGI with no router: Starlette's routing, its error middlewares and the
 proxy-headers middleware each add work per message and nothing /v1 needs (it reads neither the

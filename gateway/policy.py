@@ -98,6 +98,7 @@ class Policy:
         """The policy of GATEWAY_POLICY_FILE, or of the strike variables; raises SettingsError."""
         webhooks = settings.webhook_url is not None
         appeal_window_days = settings.appeal_window_days
+        retention_days = settings.event_retention_days
         if settings.policy_file is None:
             return cls(
                 max_strikes=settings.max_strikes,
@@ -108,6 +109,7 @@ class Policy:
                 permanent_after_blocks=settings.permanent_after_blocks,
                 webhooks=webhooks,
                 appeal_window_days=appeal_window_days,
+                retention_days=retention_days,
             )
         both = [variable_name(name) for name in POLICY_FIELDS if name in settings.model_fields_set]
         if both:
@@ -119,7 +121,9 @@ class Policy:
             policy = load_policy(settings.policy_file)
         except PolicyError as exc:
             raise SettingsError(f"GATEWAY_POLICY_FILE: {exc}") from None
-        return dataclasses.replace(policy, webhooks=webhooks, appeal_window_days=appeal_window_days)
+        return dataclasses.replace(
+            policy, webhooks=webhooks, appeal_window_days=appeal_window_days, retention_days=retention_days
+        )
 
     def rule(self, category: str) -> CategoryRule:
         return self.categories.get(category) or _DEFAULT_RULE

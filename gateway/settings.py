@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     policy_file: Path | None = None
     # How long after an event its user may appeal it; 0: no appeals.
     appeal_window_days: float = Field(180.0, ge=0, le=36500)
+    # Audit events older than this are deleted (never one that still counts); 0: kept for good.
+    event_retention_days: float = Field(365.0, ge=0, le=36500)
     moderation_thresholds: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     safety_identifier: Literal["off", "hash"] = "off"
     safety_salt: SecretStr | None = None
@@ -241,6 +243,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "GATEWAY_USERS_PER_APP=true needs every key of GATEWAY_API_KEYS named after its application "
                 "(app-a:KEY,app-b:KEY)"
+            )
+        if 0 < self.event_retention_days < self.appeal_window_days:
+            raise ValueError(
+                f"GATEWAY_EVENT_RETENTION_DAYS ({self.event_retention_days:g}) is shorter than "
+                f"GATEWAY_APPEAL_WINDOW_DAYS ({self.appeal_window_days:g}): events would be deleted while their "
+                "users may still appeal them; lengthen the retention or shorten the appeal window"
             )
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ValueError(

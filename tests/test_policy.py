@@ -171,11 +171,12 @@ def test_the_environments_policy_is_the_same_model() -> None:
         webhook_url="http://127.0.0.1:9/hook",
         webhook_secret="s",
         appeal_window_days=30,
+        event_retention_days=90,
     )
     policy = Policy.from_settings(settings)
     assert (policy.max_strikes, policy.window, policy.warnings, policy.file) == (5, 3600, 0, None)
     assert [policy.block_duration(n) for n in range(1, 6)] == [60, 180, 540, 1000, None]
-    assert (policy.webhooks, policy.appeal_window_days) == (True, 30)
+    assert (policy.webhooks, policy.appeal_window_days, policy.retention_days) == (True, 30, 90)
     assert policy.judge(["violence"]).lifetime == 3600
     assert policy.to_json()["source"] == "environment"
 
@@ -188,8 +189,8 @@ def test_the_file_with_a_strike_variable_stops_start_up_naming_both(tmp_path: Pa
         "GATEWAY_POLICY_FILE and GATEWAY_MAX_STRIKES, GATEWAY_BLOCK_ESCALATION are both set"
     )
     # Their defaults alone do not conflict: only variables that were set do.
-    policy = Policy.from_settings(settings_from(policy_file=path, appeal_window_days=7))
-    assert (policy.max_strikes, policy.warnings, policy.appeal_window_days) == (3, 1, 7)
+    policy = Policy.from_settings(settings_from(policy_file=path, appeal_window_days=7, event_retention_days=8))
+    assert (policy.max_strikes, policy.warnings, policy.appeal_window_days, policy.retention_days) == (3, 1, 7, 8)
     with pytest.raises(SettingsError, match=r"^GATEWAY_POLICY_FILE: .*policy.toml: max_strikes: must be at least 1"):
         Policy.from_settings(settings_from(policy_file=write(tmp_path, "max_strikes = 0")))
 

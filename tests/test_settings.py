@@ -96,6 +96,12 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
             "realtime/calls,chat/completions",
             "GATEWAY_ALLOWED_ROUTES: 'chat/completions' is neither a refused route nor a refused header",
         ),
+        (
+            "GATEWAY_EVENT_RETENTION_DAYS",
+            "-1",
+            "GATEWAY_EVENT_RETENTION_DAYS: Input should be greater than or equal to 0",
+        ),
+        ("GATEWAY_EVENT_RETENTION_DAYS", "a year", "GATEWAY_EVENT_RETENTION_DAYS: Input should be a valid number"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(
@@ -123,6 +129,21 @@ def test_dependent_settings_are_required_together() -> None:
     with pytest.raises(SettingsError, match="GATEWAY_WEBHOOK_SECRET is required"):
         load_settings(webhook_url="http://127.0.0.1:9/hook")
     assert load_settings(safety_identifier="hash", safety_salt="pepper").safety_salt is not None
+
+
+def test_the_retention_keeps_events_at_least_as_long_as_they_may_be_appealed() -> None:
+    settings = load_settings()
+    assert (settings.event_retention_days, settings.appeal_window_days) == (365, 180)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(event_retention_days=30)
+    assert str(caught.value) == (
+        "invalid settings: GATEWAY_EVENT_RETENTION_DAYS (30) is shorter than GATEWAY_APPEAL_WINDOW_DAYS (180): "
+        "events would be deleted while their users may still appeal them; lengthen the retention or shorten the "
+        "appeal window"
+    )
+    assert load_settings(event_retention_days=30, appeal_window_days=30).event_retention_days == 30
+    assert load_settings(event_retention_days=30, appeal_window_days=0).appeal_window_days == 0
+    assert load_settings(event_retention_days=0).event_retention_days == 0  # kept for good
 
 
 @pytest.mark.parametrize(
