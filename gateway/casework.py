@@ -173,9 +173,12 @@ class Casework:
         in batches of their own short transactions; the number of events deleted."""
         deleted = 0
         days = self.policy.retention_days
+        position = lifecycle.START
         while days > 0:
             async with self._connection() as conn, conn.transaction():
-                batch = await lifecycle.delete_old_events(conn, days=days, window=self.policy.window)
+                batch, position = await lifecycle.delete_old_events(
+                    conn, days=days, window=self.policy.window, after=position
+                )
             deleted += batch
             if batch < lifecycle.BATCH:
                 break

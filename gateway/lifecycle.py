@@ -16,6 +16,7 @@ their event. Delivered webhook outbox rows are deleted a week after delivery.
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -27,6 +28,9 @@ type Connection = PoolConnectionProxy[asyncpg.Record]
 
 BATCH = 500
 OUTBOX_KEPT_DAYS = 7
+# An event's place in the order retention walks them: (at, id).
+type Position = tuple[datetime, int]
+START: Position = (datetime.min.replace(tzinfo=UTC), 0)
 
 _LOCK = "SELECT 1 FROM users WHERE user_id = $1 FOR UPDATE"
 _ERASE = (
@@ -41,10 +45,11 @@ INSERT INTO events (user_id, kind, actor, operator, user_sha256) VALUES (NULL, '
 RETURNING id
 """
 
-# Events older than $1 seconds that nothing needs any more ($2: the policy's window, $3: how many).
+# Events older than $1 seconds that nothing needs any more ($2: the policy's window, $3: how many),
+# after ($4, $5): a sweep walks the old events once, past those it keeps.
 _EXPENDABLE = f"""
-SELECT e.id FROM events e LEFT JOIN users u ON u.user_id = e.user_id
-WHERE e.at < now() - make_interval(secs => $1::float8)
+SELECT e.id, e.at FROM events e LEFT JOIN users u ON u.user_id = e.user_id
+WHERE e.at < now() - make_interval(secs => $1::float8) AND (e.at, e.id) > ($4::timestamptz, $5::bigint)
     AND NOT coalesce(e.points > 0 AND {counting("$2")}, false)
     AND NOT coalesce(u.blocked_until > now() AND (u.block_event_id = e.id
         OR EXISTS (SELECT 1 FROM events b WHERE b.id = u.block_event_id AND e.id = ANY(b.causes))), false)
@@ -81,14 +86,18 @@ async def erase(conn: Connection, user_id: str, *, operator: str) -> bool:
     return True
 
 
-async def delete_old_events(conn: Connection, *, days: float, window: float) -> int:
-    """Delete one batch of expendable events older than `days` (inside the caller's transaction)."""
-    ids = [row["id"] for row in await conn.fetch(_EXPENDABLE, days * 86400, window, BATCH)]
+async def delete_old_events(
+    conn: Connection, *, days: float, window: float, after: Position = START
+) -> tuple[int, Position]:
+    """Delete one batch of expendable events older than `days`, after `after` (inside the caller's
+    transaction): how many, and where the next batch starts."""
+    rows = await conn.fetch(_EXPENDABLE, days * 86400, window, BATCH, *after)
+    ids = [row["id"] for row in rows]
     if ids:
         # Only delivered rows remain for these events; they would otherwise hold the events back.
         await conn.execute(_DELETE_OUTBOX_OF, ids)
         await conn.execute(_DELETE_EVENTS, ids)
-    return len(ids)
+    return len(ids), (rows[-1]["at"], rows[-1]["id"]) if rows else after
 
 
 async def delete_delivered(conn: Connection) -> int:
