@@ -31,8 +31,6 @@ MAX_MESSAGE = 2000
 APPEALABLE_KINDS = ("violation", "warning", "output_violation", "block")
 # Event and appeal ids as the API takes them: a bigserial, in digits.
 ID = re.compile(r"[0-9]{1,18}")
-# A 409 is one the OpenAI SDK would retry; this one would only be refused again.
-_FINAL = {"x-should-retry": "false"}
 
 _COLUMNS = "id, event_id, user_id, status, message, created_at, decided_at, decided_by, decision_reason"
 # The user's event, locked ($3: the appeal window in seconds; 0: none), with what decides
@@ -129,7 +127,6 @@ async def file(conn: Connection, policy: Policy, user_id: str, event_id: int, me
             "appeal_exists",
             f"Event {event_id} already has an appeal ({event['appeal_id']}); one appeal per event.",
             param="event_id",
-            headers=_FINAL,
             appeal_id=str(event["appeal_id"]),
         )
     if event["reversed"]:
@@ -138,7 +135,6 @@ async def file(conn: Connection, policy: Policy, user_id: str, event_id: int, me
             "event_reversed",
             f"Event {event_id} was already reversed by a moderator: there is nothing left to appeal.",
             param="event_id",
-            headers=_FINAL,
         )
     if not event["in_window"]:
         days = policy.appeal_window_days
@@ -210,7 +206,6 @@ def decided(appeal: Appeal) -> GatewayError:
         409,
         "appeal_decided",
         f"Appeal {appeal.id} was already decided ({appeal.status}, {iso(appeal.decided_at)}).",
-        headers=_FINAL,
         appeal_status=appeal.status,
     )
 

@@ -26,8 +26,9 @@ _TYPES = {
     503: "server_error",
     504: "timeout_error",
 }
-# statuses an SDK must not retry: the same call would get the same refusal
-_FINAL = frozenset({400, 401, 403, 404, 413})
+# statuses an SDK must not retry: the same call would get the same refusal (the SDK retries a 409
+# unless told not to; the gateway's conflicts do not clear by themselves)
+_FINAL = frozenset({400, 401, 403, 404, 409, 413})
 
 
 class GatewayError(Exception):
