@@ -234,6 +234,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if cycle.waiting_for_100_continue:
                     self._deadline.set_in(self.body_idle_timeout)  # the app has not asked for the body yet
                     return
+                if self._body_cycle is not cycle:
+                    # The app asked for the body since the last look (100 Continue just went out):
+                    # the client's time to send it starts now, not with the headers.
+                    self._start_body(cycle)
+                    self._deadline.set_at(self._body_deadline(cycle))
+                    return
                 self._count_cut(cycle)
             # Mid-body (closing the connection gives the app http.disconnect), or idle after a
             # response for the keep-alive timeout: closed without a word, as uvicorn does.
