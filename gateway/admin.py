@@ -22,7 +22,6 @@ from urllib.parse import quote, unquote
 
 import orjson
 import structlog
-from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
@@ -64,7 +63,7 @@ from gateway.operators import Operator, OperatorExists, Operators, require
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.throttle import AuthThrottle
-from middleware.asgi import Receive, Scope, Send, header
+from middleware.asgi import Receive, Scope, Send, header, route_path
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
 
@@ -456,7 +455,7 @@ def _disabled() -> GatewayError:
 
 def _encoded_route_path(scope: Scope) -> str:
     """The path below the mount point as the client sent it, percent-encoding intact."""
-    decoded = get_route_path(scope)
+    decoded = route_path(scope)
     raw_path = scope.get("raw_path")
     if not raw_path:
         return quote(decoded, safe="/")

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
-from starlette._utils import get_route_path
 from starlette.requests import Request
 from starlette.websockets import WebSocketClose
 
@@ -26,7 +25,7 @@ from gateway.appeals import ID, MAX_MESSAGE
 from gateway.auth import ClientKeyMiddleware
 from gateway.settings import Settings
 from gateway.store import Store
-from middleware.asgi import ASGIApp, Receive, Scope, Send
+from middleware.asgi import ASGIApp, Receive, Scope, Send, route_path
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
 from middleware.users import request_user
@@ -96,7 +95,7 @@ class StandingAPI:
         await send({"type": "http.response.body", "body": body})
 
     async def _respond(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
-        path = get_route_path(scope)
+        path = route_path(scope)
         method = _ROUTES.get(path)
         if method is None:
             raise GatewayError(

@@ -64,14 +64,6 @@ def _assigned(*functions: Callable[..., object]) -> set[str]:
     return set(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?=(?!=)", source))
 
 
-def test_starlette_has_the_route_path_helper_the_admin_api_uses() -> None:
-    from starlette import _utils
-
-    assert callable(getattr(_utils, "get_route_path", None)), (
-        f"starlette {version('starlette')}: starlette._utils.get_route_path is gone; gateway/admin.py uses it"
-    )
-
-
 def test_prometheus_client_has_the_created_series_switch() -> None:
     from prometheus_client import metrics
 
