@@ -27,34 +27,36 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.websockets import WebSocketClose
 
-from gateway.admin_models import (
+from gateway.admin_answers import (
     AddedOperator,
     Appeal,
     AppealList,
+    Event,
+    EventList,
+    NoContent,
+    OperatorInfo,
+    OperatorList,
+    PolicyDocument,
+    RemovedOperator,
+    Stats,
+    UserList,
+    UserStatus,
+)
+from gateway.admin_models import (
     AppealParams,
     BlockRequest,
     DecisionRequest,
-    Event,
-    EventList,
     EventParams,
     ListAppealsParams,
     ListUsersParams,
     NewOperator,
-    NoContent,
     NoParams,
     NoteRequest,
-    OperatorInfo,
-    OperatorList,
     OperatorParams,
-    PolicyDocument,
-    RemovedOperator,
     ReverseRequest,
-    Stats,
     UnblockRequest,
     UserEventsParams,
-    UserList,
     UserParams,
-    UserStatus,
 )
 from gateway.admin_openapi import Operation, Operations, build_document
 from gateway.admin_requests import read_body, read_params

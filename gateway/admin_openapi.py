@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, models_json_schema
 
-from gateway.admin_models import Error, never_null
+from gateway.admin_answers import Error
+from gateway.admin_models import never_null
 from gateway.admin_requests import MAX_BODY_BYTES
 from gateway.operators import ROLES, Operator, Role
 
