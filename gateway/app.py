@@ -33,6 +33,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from gateway.admin import admin_app
 from gateway.auth import ClientKeyMiddleware
 from gateway.blockcache import BlockCache
+from gateway.console import console_routes
 from gateway.context import RequestContextMiddleware
 from gateway.database import Database
 from gateway.exposition import Exposition
@@ -250,6 +251,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            *console_routes(store, operators, settings),  # before /admin, which would take its paths
             _mount("/admin", admin_app(store, settings, operators=operators)),
             _mount("/gateway", standing_app(store, settings)),
         ],

@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     # The key's reach (middleware/access.py): refused routes and headers the gateway's own key
     # carries after all (`realtime/calls,OpenAI-Project`); without OPENAI_API_KEY nothing is refused.
     allowed_routes: Annotated[tuple[str, ...], NoDecode] = ()
+    # The moderator console (gateway/console): how long a sign-in lasts, in hours.
+    console_session_hours: float = Field(8.0, gt=0, le=168, allow_inf_nan=False)
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -313,12 +313,12 @@ class Store(Casework):
         return status_from(row, self.policy)
 
     async def list_users(
-        self, *, blocked: bool | None = None, limit: int = 100, after: str | None = None
+        self, *, blocked: bool | None = None, limit: int = 100, after: str | None = None, prefix: str = ""
     ) -> tuple[list[UserStatus], str | None]:
         """A page of users ordered by id and the cursor of the next page (gateway/users.py)."""
 
         async def work(conn: Connection) -> tuple[list[UserStatus], str | None]:
-            return await list_users(conn, self.policy, blocked=blocked, limit=limit, after=after)
+            return await list_users(conn, self.policy, blocked=blocked, limit=limit, after=after, prefix=prefix)
 
         return await self._read(work)
 

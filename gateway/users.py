@@ -54,17 +54,17 @@ _STATUS_COLUMNS = f"""
 STATUS = f"SELECT {_STATUS_COLUMNS} FROM users u WHERE u.user_id = $2"  # noqa: S608
 _LIST_ALL = f"""
 SELECT {_STATUS_COLUMNS} FROM users u
-WHERE u.user_id > $2
+WHERE u.user_id > $2 AND starts_with(u.user_id, $4)
 ORDER BY u.user_id LIMIT $3
 """  # noqa: S608
 _LIST_BLOCKED = f"""
 SELECT {_STATUS_COLUMNS} FROM users u
-WHERE u.user_id > $2 AND u.blocked_until > now()
+WHERE u.user_id > $2 AND starts_with(u.user_id, $4) AND u.blocked_until > now()
 ORDER BY u.user_id LIMIT $3
 """  # noqa: S608
 _LIST_UNBLOCKED = f"""
 SELECT {_STATUS_COLUMNS} FROM users u
-WHERE u.user_id > $2 AND (u.blocked_until IS NULL OR u.blocked_until <= now())
+WHERE u.user_id > $2 AND starts_with(u.user_id, $4) AND (u.blocked_until IS NULL OR u.blocked_until <= now())
 ORDER BY u.user_id LIMIT $3
 """  # noqa: S608
 
@@ -151,9 +151,10 @@ def decode_cursor(cursor: str) -> str:
 
 
 async def list_users(
-    conn: Connection, policy: Policy, *, blocked: bool | None, limit: int, after: str | None
+    conn: Connection, policy: Policy, *, blocked: bool | None, limit: int, after: str | None, prefix: str = ""
 ) -> tuple[list[UserStatus], str | None]:
-    """A page of users ordered by id and the cursor of the next page (None: last page).
+    """A page of users ordered by id and the cursor of the next page (None: last page); with
+    `prefix`, only the ids that start with it (the console's search).
 
     `limit` is capped at MAX_PAGE; a bad `after` cursor or a limit below 1 raises ValueError.
     """
@@ -162,7 +163,7 @@ async def list_users(
     limit = min(limit, MAX_PAGE)
     start = "" if after is None else decode_cursor(after)
     query = _LIST_ALL if blocked is None else _LIST_BLOCKED if blocked else _LIST_UNBLOCKED
-    rows = await conn.fetch(query, policy.window, start, limit + 1)
+    rows = await conn.fetch(query, policy.window, start, limit + 1, prefix)
     page = [status_from(row, policy) for row in rows[:limit]]
     return page, encode_cursor(page[-1].user_id) if len(rows) > limit else None
 
