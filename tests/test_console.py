@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from gateway.app import create_app
-from gateway.console import console_app, pages
+from gateway.console import console_app, pages, queries
 from gateway.console.app import CSP
 from gateway.console.pages import csv_cell
 from gateway.operators import Operators
@@ -338,3 +338,27 @@ def test_csv_cells_that_a_spreadsheet_would_run() -> None:
     assert csv_cell(["a", "b"]) == "a b"
     assert csv_cell(True) == "true"
     assert csv_cell(3) == "3"
+
+
+async def test_the_export_reads_every_event_once_across_batches_of_equal_times(store: Store) -> None:
+    async with store.database.connection() as conn:
+        await conn.execute("INSERT INTO users (user_id) VALUES ('u')")
+        # One statement: five events at one and the same time, which the (at, id) keyset must page through.
+        await conn.execute(
+            "INSERT INTO events (user_id, kind, operator, note)"
+            " SELECT 'u', 'note', 'mo', 'n' || i FROM generate_series(1, 5) i"
+        )
+        await conn.execute(
+            "INSERT INTO events (user_id, kind, operator, note, at)"
+            " VALUES ('u', 'note', 'mo', 'old', now() - interval '2 days')"
+        )
+        ids = [row["id"] for row in await conn.fetch("SELECT id FROM events WHERE note <> 'old' ORDER BY id")]
+    now = datetime.now(UTC)
+    found = [
+        event
+        async for event in queries.export_events(
+            store.database, now - timedelta(days=1), now + timedelta(minutes=1), batch=2
+        )
+    ]
+    assert [event["id"] for event in found] == ids
+    assert [event["text"] for event in found] == ["n1", "n2", "n3", "n4", "n5"]

@@ -56,7 +56,7 @@ SELECT (SELECT count(*) FROM users WHERE blocked_until > now()) AS blocked_users
 _EXPORT = f"""
 SELECT e.user_id, {EVENT_COLUMNS} FROM events e
 WHERE e.at >= $1 AND e.at < $2 AND (e.at, e.id) > ($3, $4)
-ORDER BY e.at, e.id LIMIT {EXPORT_BATCH}
+ORDER BY e.at, e.id LIMIT $5
 """  # noqa: S608
 
 
@@ -125,20 +125,22 @@ async def _series(
     return series
 
 
-async def export_events(database: Database, start: datetime, end: datetime) -> AsyncIterator[dict[str, Any]]:
+async def export_events(
+    database: Database, start: datetime, end: datetime, *, batch: int = EXPORT_BATCH
+) -> AsyncIterator[dict[str, Any]]:
     """The events of [start, end) oldest first, read in batches (each its own short read), so a
     large range is streamed without a long transaction or memory that grows with it."""
     after_at, after_id = start - timedelta(microseconds=1), 0
     while True:
 
         async def work(conn: Connection, at: datetime = after_at, last: int = after_id) -> list[Any]:
-            return await conn.fetch(_EXPORT, start, end, at, last)
+            return await conn.fetch(_EXPORT, start, end, at, last, batch)
 
         rows = await database.read(work)
         for row in rows:
             event = event_json(row)
             event["user_id"] = row["user_id"]
             yield event
-        if len(rows) < EXPORT_BATCH:
+        if len(rows) < batch:
             return
         after_at, after_id = rows[-1]["at"], rows[-1]["id"]
