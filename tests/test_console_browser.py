@@ -220,9 +220,11 @@ def test_screenshots_of_every_page(browser: Browser, gateway: str, tmp_path: Pat
             page.screenshot(path=target / f"{name}.png", full_page=True)
         phone = context.new_page()
         phone.set_viewport_size(PHONE)
+        for path in shots.values():
+            phone.goto(f"{gateway}{CONSOLE}{path}")
+            # Each page fits the phone's width: nothing scrolls sideways.
+            assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], path
         phone.goto(f"{gateway}{CONSOLE}/user?id=zoe")
-        # The page fits the phone's width: nothing scrolls sideways.
-        assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         phone.screenshot(path=target / "user-phone.png")
     finally:
         context.close()
