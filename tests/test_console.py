@@ -30,6 +30,7 @@ from tests.test_store import fetch
 from tests.upstream import MockUpstream
 
 SettingsFactory = Callable[..., Settings]
+FORM = "application/x-www-form-urlencoded"
 
 
 @pytest.fixture
@@ -362,3 +363,52 @@ async def test_the_export_reads_every_event_once_across_batches_of_equal_times(s
     ]
     assert [event["id"] for event in found] == ids
     assert [event["text"] for event in found] == ["n1", "n2", "n3", "n4", "n5"]
+
+
+def test_what_a_hostile_client_sends_gets_a_clear_refusal_and_changes_nothing(gateway: str) -> None:
+    assert admin(gateway, "PUT", "/block/bea", {"permanent": True}).status_code == 200
+    client = sign_in(gateway)
+    csrf = csrf_of(user_page(client, "bea"))
+    unblock = f"{CONSOLE}/user/unblock"
+    form = {"user_id": "bea", "reason": "r", "csrf": csrf}
+    refusals = {
+        "as JSON": client.post(unblock, json=form),
+        "too large": client.post(unblock, data={**form, "pad": "x" * 20_000}),
+        "not UTF-8": client.post(
+            unblock, content=b"user_id=%FF&reason=r&csrf=" + csrf.encode(), headers={"Content-Type": FORM}
+        ),
+        "a field twice": client.post(
+            unblock, content=f"user_id=bea&user_id=bob&reason=r&csrf={csrf}".encode(), headers={"Content-Type": FORM}
+        ),
+        "a NUL": client.post(unblock, data={**form, "reason": "a\x00b"}),
+        "an empty reason": client.post(unblock, data={**form, "reason": "  "}),
+        "a control character in the id": client.post(unblock, data={**form, "user_id": "b\x01"}),
+        "hours that are no number": client.post(f"{CONSOLE}/user/block", data={**form, "hours": "soon"}),
+        "an event id that is no number": client.post(f"{CONSOLE}/event/reverse", data={**form, "event_id": "1 OR 1=1"}),
+        "an appeal id that is no number": client.post(
+            f"{CONSOLE}/appeals/decide", data={**form, "appeal_id": "-1", "decision": "accept"}
+        ),
+        "a decision that is neither": client.post(
+            f"{CONSOLE}/appeals/decide", data={**form, "appeal_id": "1", "decision": "maybe"}
+        ),
+    }
+    for what, answer in refusals.items():
+        assert answer.status_code in (400, 413), what
+        assert answer.headers["content-security-policy"] == CSP, what
+    assert admin(gateway, "GET", "/users/bea").json()["blocked"] is True
+    assert len(admin(gateway, "GET", "/users/bea/events").json()["data"]) == 1
+
+    unknown = client.post(unblock, data={**form, "user_id": "nobody"})
+    assert unknown.status_code == 404
+    assert "never recorded" in unknown.text
+    assert client.get(f"{CONSOLE}/user", params={"id": "nobody"}).status_code == 404
+    assert client.get(f"{CONSOLE}/users", params={"blocked": "maybe"}).status_code == 400
+    assert client.get(f"{CONSOLE}/appeals", params={"status": "all"}).status_code == 400
+    assert client.get(f"{CONSOLE}/appeals", params={"after": "!!"}).status_code == 400
+    # Cookies no sign-in made open nothing, and a POST without a session is told to sign in.
+    for cookie in ("", "x" * 43, "!" * 43, "a" * 500):
+        answer = httpx2.get(f"{gateway}{CONSOLE}/users", cookies={"cgw_console": cookie})
+        assert answer.headers["location"] == f"{CONSOLE}/signin"
+    signed_out = httpx2.post(f"{gateway}{unblock}", data=form)
+    assert signed_out.status_code == 403
+    assert "signed out" in signed_out.text
