@@ -199,7 +199,9 @@ class AdminAPI:
         role="viewer",
     )
     async def _list_users(self, params: ListUsersParams, body: None, operator: Operator) -> UserList:
-        page, cursor = await self._store.list_users(blocked=params.blocked, limit=params.limit, after=params.after)
+        page, cursor = await self._store.list_users(
+            blocked=params.blocked, limit=params.limit, after=params.after, prefix=params.prefix or ""
+        )
         return UserList(data=[UserStatus.model_validate(status.to_json()) for status in page], next=cursor)
 
     @operations(

@@ -77,6 +77,13 @@ def _cursor(value: str) -> str:
     return value
 
 
+def _prefix(value: str) -> str:
+    problem = user_id_problem(value) if value else None
+    if problem is not None:
+        raise _refused(f"prefix {problem}: it is the start of a user id.")
+    return value
+
+
 def _without_nul(value: str) -> str:
     if "\x00" in value:
         raise _refused("reason must not hold NUL characters.")
@@ -146,6 +153,9 @@ class ListUsersParams(_Strict):
     limit: Limit = DEFAULT_LIMIT
     after: Annotated[str, AfterValidator(_cursor)] | None = Field(
         default=None, description="The `next` cursor of the previous page."
+    )
+    prefix: Annotated[str, AfterValidator(_prefix)] | None = Field(
+        default=None, description="Only the users whose id starts with this (the console's search)."
     )
 
     @field_validator("blocked", mode="before")

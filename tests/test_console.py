@@ -269,6 +269,14 @@ def test_users_search_filter_pages_and_escaping(gateway: str, monkeypatch: pytes
     for user_id in ("ann-1", "ann-2", "bob", hostile):
         assert admin(gateway, "PUT", f"/block/{quote(user_id, safe='')}").status_code == 200
     assert admin(gateway, "PUT", "/unblock/ann-2").status_code == 200
+    rest = httpx2.get(
+        f"{gateway}/admin/users", params={"prefix": "ann"}, headers={"Authorization": "Bearer admin-secret"}
+    )
+    assert [user["user_id"] for user in rest.json()["data"]] == ["ann-1", "ann-2"]
+    bad = httpx2.get(
+        f"{gateway}/admin/users", params={"prefix": "a\x01"}, headers={"Authorization": "Bearer admin-secret"}
+    )
+    assert (bad.status_code, bad.json()["error"]["param"]) == (400, "prefix")
     client = sign_in(gateway)
     listing = client.get(f"{CONSOLE}/users", params={"q": "ann"}).text
     assert "ann-1" in listing
