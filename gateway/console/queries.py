@@ -15,7 +15,7 @@ from gateway.database import Connection, Database
 from gateway.events import EVENT_COLUMNS, VIOLATION_KINDS, event_json
 
 # An event without categories (a moderator's block) is counted under this name.
-NO_CATEGORY = "(none)"
+NO_CATEGORY = "(by a moderator)"
 EXPORT_BATCH = 1000
 MAX_EXPORT = timedelta(days=31)
 
