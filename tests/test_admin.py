@@ -756,7 +756,7 @@ async def test_finding_the_route_path_costs_in_proportion_to_the_path(
         decoded.append(len(text))
         return unquote(text)
 
-    monkeypatch.setattr("gateway.admin.unquote", counting_unquote)
+    monkeypatch.setattr("gateway.admin_http.unquote", counting_unquote)
     app = mounted(admin_app(closed_store(admin_settings), admin_settings))
     raw = b"/admin%2F" + b"x/" * 5000
     answer = await asgi_get(app, unquote(raw.decode()), raw)
