@@ -52,6 +52,8 @@ from middleware.budgets import ByteBudget
 from middleware.detectors import AzureDetector, GuardDetector, OpenAIDetector, RulesDetector
 from middleware.errors import GatewayError
 from middleware.moderation import ModerationMiddleware
+from middleware.output import OutputModeration
+from middleware.output_judge import OutputJudge
 from middleware.protocols import Detector, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -139,6 +141,22 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
             )
         )
     return detectors
+
+
+def output_layer(upstream: ASGIApp, settings: Settings, detectors: Sequence[Detector], store: Store) -> ASGIApp:
+    """The proxy, behind output moderation unless GATEWAY_OUTPUT_MODERATION=off (then nothing is added)."""
+    if settings.output_moderation == "off":
+        return upstream
+    judge = OutputJudge(
+        detectors,
+        settings.moderation_failure,
+        store,
+        mode=settings.output_moderation,
+        strikes=settings.output_strikes,
+    )
+    return OutputModeration(
+        upstream, judge, holdback=settings.output_holdback_chars, failure=settings.moderation_failure
+    )
 
 
 def error_response(error: GatewayError) -> Response:
@@ -265,7 +283,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     if settings.safety_identifier == "hash" and settings.safety_salt:
         salt = settings.safety_salt.get_secret_value().encode()
     v1: ASGIApp = ModerationMiddleware(
-        upstream,
+        output_layer(upstream, settings, detectors, store),
         store=store,
         detectors=detectors,
         user_header=settings.user_header,

@@ -11,13 +11,16 @@ Routes (any other path answers 404 in OpenAI's error shape; a body that is not a
 - `POST /v1/chat/completions`: a `chat.completion` whose content is `reply` (a `{prompt}` in it
   becomes the last user message); with `"stream": true`, `chunks` `chat.completion.chunk` events
   (the first also carries the role) `chunk_delay` seconds apart, a finish chunk, a usage chunk
-  when `stream_options.include_usage`, then `data: [DONE]`.
-- `POST /v1/completions`: a `text_completion`, streamed the same way.
+  when `stream_options.include_usage`, then `data: [DONE]`. With `"n": N`, N choices: choice i
+  says `replies[i]` (default: `reply`); streamed, their chunks alternate, each choice's finish
+  chunk right after its last piece.
+- `POST /v1/completions`: a `text_completion`, likewise.
 - `POST /v1/responses`: a completed `response`; streamed as `response.created`, the text deltas,
   `response.completed`.
 - `POST /v1/moderations`: one result per input string (one for a list of multimodal parts). A
   result is flagged when a text or image URL contains a key of `flag_words` (case-insensitive):
-  that category is true with score 0.9, every other false with 0.01.
+  that category is true with score 0.9, every other false with 0.01. A text holding one of
+  `fail_words` gets a 500 instead (a detector failing on one window of an answer).
 - `GET /v1/models`: the model list.
 
 Benchmark streams: a chat completion whose body names a `"bench_group"` is a stream of `chunks`
@@ -25,7 +28,8 @@ chunks, each stamped with `"sent_ns"` (`time.monotonic_ns()` as it is written: o
 process on the machine), one every `chunk_delay` seconds. Its `"bench_members"` twins (2 unless
 said) are answered together: chunk i of each, back to back, the order rotating from chunk to
 chunk, so a client that sends one twin straight and one through a proxy subtracts two delays
-measured at the same moment.
+measured at the same moment (gateway/fake_stamped.py; `"bench_text": N` adds N characters of
+text to each chunk).
 
 Behaviours, per request with the header `X-Mock: <spec>`, or per path with
 `behaviors["/v1/moderations"] = "<spec>"`; a spec is a comma list of:
@@ -57,13 +61,15 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from gateway.fake_stamped import StampedGroups
 
 MODEL = "gpt-mock"
 REPLY = "Hello from the mock upstream."
@@ -85,7 +91,6 @@ MODERATION_CATEGORIES = (
     "violence/graphic",
 )
 USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
-GROUP_WAIT = 10.0  # seconds for every twin of a benchmark group to arrive
 _SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -100,14 +105,6 @@ class RecordedRequest:
 
     def json(self) -> Any:
         return orjson.loads(self.body)
-
-
-@dataclass
-class _Group:
-    members: int
-    responses: list[web.StreamResponse] = field(default_factory=list)
-    full: asyncio.Event = field(default_factory=asyncio.Event)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Dropped(asyncio.CancelledError):
@@ -165,6 +162,7 @@ class FakeUpstream:
         self,
         *,
         reply: str = REPLY,
+        replies: Sequence[str] = (),
         chunks: int = 4,
         chunk_delay: float = 0.0,
         latency: float = 0.0,
@@ -174,11 +172,13 @@ class FakeUpstream:
     ) -> None:
         # `sock`: a bound socket to serve on (a test may bind it early and start serving late).
         self.reply = reply
+        self.replies = list(replies)
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.latency = latency
         self.flag_words = dict(FLAG_WORDS if flag_words is None else flag_words)
-        self._knobs = (reply, chunks, chunk_delay, latency, dict(self.flag_words))
+        self.fail_words: set[str] = set()
+        self._knobs = (reply, list(replies), chunks, chunk_delay, latency, dict(self.flag_words))
         self.record = record
         self.requests: list[RecordedRequest] = []
         self.behaviors: dict[str, str] = {}
@@ -187,7 +187,7 @@ class FakeUpstream:
         self.disconnected = threading.Event()
         self.port = 0
         self._sock = sock
-        self._groups: dict[str, _Group] = {}
+        self._groups = StampedGroups()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -210,8 +210,9 @@ class FakeUpstream:
 
     def reset(self) -> None:
         """Forget the records and behaviours, and take the constructor's reply, chunks, ... again."""
-        self.reply, self.chunks, self.chunk_delay, self.latency, flag_words = self._knobs
-        self.flag_words = dict(flag_words)
+        self.reply, replies, self.chunks, self.chunk_delay, self.latency, flag_words = self._knobs
+        self.replies, self.flag_words = list(replies), dict(flag_words)
+        self.fail_words = set()
         self.requests.clear()
         self.behaviors.clear()
         self.disconnects = 0
@@ -401,20 +402,29 @@ class FakeUpstream:
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
         if "bench_group" in payload:
-            return await self._stamped(request, str(payload["bench_group"]), int(payload.get("bench_members", 2)))
+            members = int(payload.get("bench_members", 2))
+            text = int(payload.get("bench_text", 0))
+            group = str(payload["bench_group"])
+            return await self._groups.answer(request, group, members, self.chunks, self.chunk_delay, text)
         base = {"id": "chatcmpl-mock", "created": int(time.time()), "model": str(payload.get("model", MODEL))}
-        text = self._text(payload)
+        texts = self._texts(payload)
         if not payload.get("stream"):
-            message = {"role": "assistant", "content": text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
-            return self._json(behaviour, {**base, "object": "chat.completion", "choices": [choice], "usage": USAGE})
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text, "refusal": None}}
+                | {"logprobs": None, "finish_reason": "stop"}
+                for i, text in enumerate(texts)
+            ]
+            return self._json(behaviour, {**base, "object": "chat.completion", "choices": choices, "usage": USAGE})
         chunk = {**base, "object": "chat.completion.chunk"}
-        pieces = []
-        for index, piece in enumerate(self._pieces(text)):
-            delta = {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-            pieces.append(_data({**chunk, "choices": [choice]}))
-        tail = _data({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+
+        def chat_choice(i: int, j: int, piece: str | None) -> dict[str, Any]:
+            if piece is None:
+                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+            delta = {"role": "assistant", "content": piece} if j == 0 else {"content": piece}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+
+        pieces = [_data({**chunk, "choices": [choice]}) for choice in self._interleaved(texts, chat_choice)]
+        tail = b""
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             tail += _data({**chunk, "choices": [], "usage": USAGE})
@@ -425,16 +435,41 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         base = {"id": "cmpl-mock", "object": "text_completion", "created": int(time.time())}
         base["model"] = str(payload.get("model", MODEL))
-        text = self._text(payload)
+        texts = self._texts(payload)
         if not payload.get("stream"):
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
-            return self._json(behaviour, {**base, "choices": [choice], "usage": USAGE})
-        pieces = [
-            _data({**base, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}]})
-            for piece in self._pieces(text)
-        ]
-        tail = _data({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
-        return await self._sse(request, behaviour, pieces, tail + b"data: [DONE]\n\n")
+            choices = [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i, text in enumerate(texts)
+            ]
+            return self._json(behaviour, {**base, "choices": choices, "usage": USAGE})
+
+        def text_choice(i: int, j: int, piece: str | None) -> dict[str, Any]:
+            return {
+                "index": i,
+                "text": piece or "",
+                "logprobs": None,
+                "finish_reason": "stop" if piece is None else None,
+            }
+
+        pieces = [_data({**base, "choices": [choice]}) for choice in self._interleaved(texts, text_choice)]
+        return await self._sse(request, behaviour, pieces, b"data: [DONE]\n\n")
+
+    def _texts(self, payload: dict[str, Any]) -> list[str]:
+        """Each choice's text (`n` of them)."""
+        n = payload.get("n")
+        count = n if isinstance(n, int) and 1 <= n <= 8 else 1
+        return [self.replies[i] if i < len(self.replies) else self._text(payload) for i in range(count)]
+
+    def _interleaved(self, texts: list[str], choice: Any) -> list[dict[str, Any]]:
+        """The choices' stream chunks: piece j of each choice in turn, a finish (piece None) after its last."""
+        split = [self._pieces(text) for text in texts]
+        out = []
+        for j in range(max(map(len, split))):
+            for i, pieces in enumerate(split):
+                if j < len(pieces):
+                    out.append(choice(i, j, pieces[j]))
+                if j == len(pieces) - 1:
+                    out.append(choice(i, j + 1, None))
+        return out
 
     async def _response(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
@@ -488,7 +523,10 @@ class FakeUpstream:
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
         results = []
-        for texts in _moderation_groups(payload.get("input")):
+        groups = _moderation_groups(payload.get("input"))
+        if any(word in " ".join(texts).lower() for texts in groups for word in self.fail_words):
+            return _error(500, "the mock moderation endpoint fails on this text")
+        for texts in groups:
             joined = " ".join(texts).lower()
             hits = {category for word, category in self.flag_words.items() if word.lower() in joined}
             results.append(
@@ -507,41 +545,6 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         data = [{"id": MODEL, "object": "model", "created": 0, "owned_by": "mock"}]
         return self._json(behaviour, {"object": "list", "data": data})
-
-    # -- benchmark streams -------------------------------------------------------------------------
-
-    async def _stamped(self, request: web.Request, name: str, members: int) -> web.StreamResponse:
-        response = web.StreamResponse(headers=_SSE)
-        await response.prepare(request)
-        group = self._groups.setdefault(name, _Group(members))
-        group.responses.append(response)
-        if len(group.responses) == group.members:
-            group.full.set()
-            try:
-                await self._write_stamped(group.responses)
-            finally:
-                group.done.set()
-                self._groups.pop(name, None)
-        else:
-            try:
-                await asyncio.wait_for(group.full.wait(), GROUP_WAIT)
-            except TimeoutError:
-                self._groups.pop(name, None)
-                raise web.HTTPGatewayTimeout(text=f"group {name}: not every member arrived") from None
-            await group.done.wait()
-        await response.write_eof()
-        return response
-
-    async def _write_stamped(self, responses: list[web.StreamResponse]) -> None:
-        for index in range(self.chunks):
-            await asyncio.sleep(self.chunk_delay)
-            turn = index % len(responses)
-            for response in responses[turn:] + responses[:turn]:
-                # stamped as late as can be: the time it is written
-                chunk = {"object": "chat.completion.chunk", "index": index, "sent_ns": time.monotonic_ns()}
-                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        for response in responses:
-            await response.write(b"data: [DONE]\n\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

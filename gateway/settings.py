@@ -157,6 +157,13 @@ class Settings(BaseSettings):
     # The moderator console (gateway/console): how long a sign-in lasts, in hours.
     console_session_hours: float = Field(8.0, gt=0, le=168, allow_inf_nan=False)
 
+    # Output moderation (middleware/output.py): the model's answers judged too (`audit`), or held
+    # back in windows of this many characters and cut when flagged (`block`).
+    output_moderation: Literal["off", "audit", "block"] = "off"
+    output_holdback_chars: int = Field(200, ge=1, le=100_000)
+    # A flagged answer counts against the user who drew it out (points, blocks) instead of only being audited.
+    output_strikes: bool = False
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, value: Any) -> Any:
@@ -222,6 +229,7 @@ class Settings(BaseSettings):
         "moderation_timing",
         "pii",
         "unjudgeable",
+        "output_moderation",
         mode="before",
     )
     @classmethod

@@ -49,3 +49,8 @@ PII_FOUND = Counter(
     "User inputs holding personal data or secrets (GATEWAY_PII), by kind and action (mask or block).",
     ["kind", "action"],
 )
+OUTPUT_VIOLATIONS = Counter(
+    "gateway_output_violations_total",
+    "Flagged answers of the model (GATEWAY_OUTPUT_MODERATION), by category, detector and mode (audit or block).",
+    ["category", "detector", "mode"],
+)

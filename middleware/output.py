@@ -1,0 +1,257 @@
+"""Output moderation: the model's answers on the judged routes, judged too (GATEWAY_OUTPUT_MODERATION).
+
+A pure ASGI layer between the moderation middleware and the proxy, built only when the setting
+is not `off`: it wraps `send` for POST /v1/chat/completions, /v1/completions and /v1/responses
+and leaves every other call alone. A 200 answer in JSON or as server-sent events is judged:
+
+- `audit`: passed on untouched, a copy of its text judged once it has gone (middleware/output_audit.py);
+- `block`: a JSON answer held whole, judged, and its flagged text taken out (middleware/output_body.py);
+  a stream released in judged windows and cut at a flag (middleware/output_stream.py).
+
+A cut stream stops the proxy by raising `_Cut` from `send`: the proxy closes the upstream call on
+its way out, and the stream's last events go to the client after. The upstream is asked for an
+uncompressed answer so that its text can be read; one compressed all the same cannot be judged
+and follows GATEWAY_MODERATION_FAILURE like a detector failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Sequence
+from typing import Any, Literal
+
+import orjson
+
+from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from middleware.errors import GatewayError
+from middleware.output_audit import AnswerCopy
+from middleware.output_body import Kind, answer_texts, filtered
+from middleware.output_judge import OutputJudge, unavailable
+from middleware.output_sse import EventTooLarge
+from middleware.output_stream import StreamJudge
+from middleware.protocols import Verdict
+from middleware.routes import match
+
+VIOLATION_HEADER = b"x-gateway-output-violation"
+_KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "completions", "responses": "responses"}
+_FRAMING = (b"content-length", b"transfer-encoding")
+# A JSON answer larger than this is not judged (block: GATEWAY_MODERATION_FAILURE decides).
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+class _Cut(Exception):
+    """Raised from `send` to stop the proxy: it closes the upstream call on the way out."""
+
+
+class OutputModeration:
+    def __init__(
+        self,
+        app: ASGIApp,
+        judge: OutputJudge,
+        *,
+        holdback: int,
+        failure: Literal["closed", "open"],
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
+        self.app = app
+        self.judge = judge
+        self.holdback = holdback
+        self.failure = failure
+        self.max_answer_bytes = max_answer_bytes
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return self.app(scope, receive, send)
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        route = match("POST", path[len(root) :] if root and path.startswith(root) else path)
+        kind = _KINDS.get(route.name) if route is not None else None
+        if kind is None:
+            return self.app(scope, receive, send)
+        return self._call(scope, receive, send, kind)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send, kind: Kind) -> None:
+        scope = dict(scope)
+        headers = [(name, value) for name, value in scope["headers"] if name != b"accept-encoding"]
+        scope["headers"] = [*headers, (b"accept-encoding", b"identity")]
+        authorization = next((value for name, value in headers if name == b"authorization"), None)
+        answer = (_Blocking if self.judge.mode == "block" else _Auditing)(self, kind, send, authorization)
+        with contextlib.suppress(_Cut):
+            await self.app(scope, receive, answer.send)
+        await answer.finish()
+        state = scope.get("state")
+        note: dict[str, Any] = state if isinstance(state, dict) else {}
+        path = (scope.get("root_path", "") + "/" + route_name(kind)).lower()
+        for verdict in answer.flags:
+            await self.judge.record(note.get("user_id"), verdict, path, note.get("app"))
+
+
+def route_name(kind: Kind) -> str:
+    return next(name for name, known in _KINDS.items() if known == kind)
+
+
+def _shape(message: Message) -> Literal["json", "stream"] | None:
+    """How a response start's answer can be judged: JSON, a stream, or not at all (None)."""
+    if message.get("status") != 200:
+        return None
+    content_type = b""
+    for name, value in message.get("headers", ()):
+        if name.lower() == b"content-type":
+            content_type = bytes(value).split(b";")[0].strip().lower()
+    if content_type == b"application/json":
+        return "json"
+    if content_type == b"text/event-stream":
+        return "stream"
+    return None
+
+
+def _compressed(message: Message) -> bool:
+    return any(
+        name.lower() == b"content-encoding" and bytes(value).strip().lower() not in (b"", b"identity")
+        for name, value in message.get("headers", ())
+    )
+
+
+class _Answer:
+    def __init__(self, layer: OutputModeration, kind: Kind, send: Send, authorization: bytes | None) -> None:
+        self.layer = layer
+        self.kind = kind
+        self.client = send
+        self.authorization = authorization
+        self.flags: list[Verdict] = []
+
+    async def judged(self, texts: Sequence[str]) -> Verdict | None:
+        return await self.layer.judge.judge(texts, self.authorization)
+
+    async def send(self, message: Message) -> None:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        """After the proxy returned (or was cut)."""
+
+
+class _Auditing(_Answer):
+    copy: AnswerCopy | None = None
+
+    async def send(self, message: Message) -> None:
+        await self.client(message)
+        if message["type"] == "http.response.start":
+            shape = _shape(message)
+            if shape is not None and not _compressed(message):
+                self.copy = AnswerCopy(self.kind, shape, self.layer.max_answer_bytes)
+        elif self.copy is not None:
+            self.copy.add(message.get("body", b""))
+
+    async def finish(self) -> None:
+        if self.copy is None:
+            return
+        for text in self.copy.texts():  # each choice on its own
+            verdict = await self.judged((text,))
+            if verdict is not None:
+                self.flags.append(verdict)
+
+
+class _Blocking(_Answer):
+    shape: Literal["json", "stream"] | None = None
+    start: Message | None = None
+    stream: StreamJudge | None = None
+
+    def __init__(self, layer: OutputModeration, kind: Kind, send: Send, authorization: bytes | None) -> None:
+        super().__init__(layer, kind, send, authorization)
+        self.body = bytearray()
+        self.ended = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.shape = _shape(message)
+            if self.shape is not None and _compressed(message):
+                await self._unjudgeable(message, "the upstream answered compressed")
+            elif self.shape == "json":
+                self.start = message  # held with the body until it is judged
+            else:
+                if self.shape == "stream":
+                    self.stream = StreamJudge(self.kind, self.judged, self.layer.holdback)
+                await self.client(message)
+            return
+        if message["type"] != "http.response.body":
+            await self.client(message)
+            return
+        body: bytes = message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        if self.stream is not None:
+            await self._stream(body, more)
+        elif self.start is not None:
+            await self._json(body, more)
+        else:
+            await self.client(message)
+
+    async def _stream(self, body: bytes, more: bool) -> None:
+        stream = self.stream
+        assert stream is not None
+        try:
+            out = await stream.feed(body) if body else b""
+            if not more and not stream.cut:
+                out += await stream.end()
+        except EventTooLarge:
+            stream.flags.append(unavailable(()))
+        if stream.cut:
+            raise _Cut
+        if out or not more:
+            self.ended = not more
+            await self.client({"type": "http.response.body", "body": out, "more_body": more})
+
+    async def _json(self, body: bytes, more: bool) -> None:
+        if len(self.body) + len(body) > self.layer.max_answer_bytes:
+            start, self.start = self.start, None
+            assert start is not None
+            await self._unjudgeable(
+                start, f"the answer is larger than {self.layer.max_answer_bytes} bytes", bytes(self.body)
+            )
+            self.body.clear()
+            await self.client({"type": "http.response.body", "body": body, "more_body": more})
+            return
+        self.body += body
+        if more:
+            return
+        start, self.start = self.start, None
+        assert start is not None
+        body = bytes(self.body)
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            document = None  # not an answer the SDK could read either: passed on as it came
+        flagged: dict[int, Verdict] = {}
+        for index, text in answer_texts(self.kind, document).items():
+            verdict = await self.judged((text,))
+            if verdict is not None:
+                flagged[index] = verdict
+        headers = list(start.get("headers", ()))
+        if flagged:
+            assert isinstance(document, dict)
+            body = orjson.dumps(filtered(self.kind, document, set(flagged)))
+            categories = ",".join(dict.fromkeys(c for v in flagged.values() for c in v.categories))
+            headers = [(name, value) for name, value in headers if name.lower() not in _FRAMING]
+            headers += [(b"content-length", str(len(body)).encode()), (VIOLATION_HEADER, categories.encode())]
+            self.flags.extend(flagged.values())
+        await self.client({**start, "headers": headers})
+        await self.client({"type": "http.response.body", "body": body})
+
+    async def _unjudgeable(self, start: Message, why: str, held: bytes = b"") -> None:
+        """An answer that cannot be judged: refused (failure mode closed) or passed on (open)."""
+        if self.layer.failure == "closed":
+            self.flags.append(unavailable(()))
+            await GatewayError(
+                502, "output_unjudgeable", f"The answer could not be judged by output moderation: {why}."
+            ).send(self.client)
+            raise _Cut
+        self.shape = None
+        await self.client(start)
+        if held:
+            await self.client({"type": "http.response.body", "body": held, "more_body": True})
+
+    async def finish(self) -> None:
+        stream = self.stream
+        if stream is not None and stream.cut and not self.ended:
+            out = await stream.finale()
+            await self.client({"type": "http.response.body", "body": out})
+            self.flags.extend(stream.flags)
