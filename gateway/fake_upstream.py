@@ -16,7 +16,7 @@ Routes (any other path answers 404 in OpenAI's error shape; a body that is not a
   chunk right after its last piece.
 - `POST /v1/completions`: a `text_completion`, likewise.
 - `POST /v1/responses`: a completed `response`; streamed as `response.created`, the text deltas,
-  `response.completed`.
+  `response.completed`. `GET /v1/responses/resp_mock` (`?stream=true`) reads it back.
 - `POST /v1/moderations`: one result per input string (one for a list of multimodal parts). A
   result is flagged when a text or image URL contains a key of `flag_words` (case-insensitive):
   that category is true with score 0.9, every other false with 0.01. A text holding one of
@@ -195,6 +195,7 @@ class FakeUpstream:
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completion,
             ("POST", "/v1/responses"): self._response,
+            ("GET", "/v1/responses/resp_mock"): self._stored,
             ("POST", "/v1/moderations"): self._moderation,
             ("GET", "/v1/models"): self._models,
         }
@@ -518,6 +519,9 @@ class FakeUpstream:
             for piece in self._pieces(text)
         ]
         return await self._sse(request, behaviour, [started, *deltas], event("response.completed", {"response": done}))
+
+    async def _stored(self, request: web.Request, behaviour: dict[str, str], _: dict[str, Any]) -> web.StreamResponse:
+        return await self._response(request, behaviour, {"stream": request.query.get("stream") == "true"})
 
     async def _moderation(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]

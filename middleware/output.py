@@ -2,7 +2,8 @@
 
 A pure ASGI layer between the moderation middleware and the proxy, built only when the setting
 is not `off`: it wraps `send` for POST /v1/chat/completions, /v1/completions and /v1/responses
-and leaves every other call alone. A 200 answer in JSON or as server-sent events is judged:
+(and the stored answers read back: /v1/responses/{id}, /v1/chat/completions/{id}) and leaves
+every other call alone. A 200 answer in JSON or as server-sent events is judged:
 
 - `audit`: passed on untouched, a copy of its text judged once it has gone (middleware/output_audit.py);
 - `block`: a JSON answer held whole, judged, and its flagged text taken out (middleware/output_body.py);
@@ -30,7 +31,7 @@ from middleware.output_judge import OutputJudge, unavailable
 from middleware.output_sse import EventTooLarge
 from middleware.output_stream import StreamJudge
 from middleware.protocols import Verdict
-from middleware.routes import match
+from middleware.routes import match, segments
 
 VIOLATION_HEADER = b"x-gateway-output-violation"
 _KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "completions", "responses": "responses"}
@@ -60,17 +61,18 @@ class OutputModeration:
         self.max_answer_bytes = max_answer_bytes
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return self.app(scope, receive, send)
         path: str = scope["path"]
         root: str = scope.get("root_path", "")
-        route = match("POST", path[len(root) :] if root and path.startswith(root) else path)
-        kind = _KINDS.get(route.name) if route is not None else None
+        path = path[len(root) :] if root and path.startswith(root) else path
+        route = match(scope["method"], path)
+        kind = _KINDS.get(route.name) if route is not None else _read_back(path)
         if kind is None:
             return self.app(scope, receive, send)
-        return self._call(scope, receive, send, kind)
+        return self._call(scope, receive, send, kind, root + "/" + "/".join(segments(path)))
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send, kind: Kind) -> None:
+    async def _call(self, scope: Scope, receive: Receive, send: Send, kind: Kind, path: str) -> None:
         scope = dict(scope)
         headers = [(name, value) for name, value in scope["headers"] if name != b"accept-encoding"]
         scope["headers"] = [*headers, (b"accept-encoding", b"identity")]
@@ -81,17 +83,24 @@ class OutputModeration:
         await answer.finish()
         state = scope.get("state")
         note: dict[str, Any] = state if isinstance(state, dict) else {}
-        path = (scope.get("root_path", "") + "/" + route_name(kind)).lower()
         for verdict in answer.flags:
             await self.judge.record(note.get("user_id"), verdict, path, note.get("app"))
 
 
-def route_name(kind: Kind) -> str:
-    return next(name for name, known in _KINDS.items() if known == kind)
+def _read_back(path: str) -> Kind | None:
+    """A stored answer read again (`GET /v1/responses/{id}`, its `?stream=true`, a stored chat
+    completion): judged like the answer itself, or the text cut from a stream would be one call away."""
+    found = segments(path)
+    if len(found) == 2 and found[0] == "responses":
+        return "responses"
+    if len(found) == 3 and found[:2] == ("chat", "completions"):
+        return "chat"
+    return None
 
 
-def _shape(message: Message) -> Literal["json", "stream"] | None:
-    """How a response start's answer can be judged: JSON, a stream, or not at all (None)."""
+def _shape(message: Message) -> Literal["json", "stream", "other"] | None:
+    """How a response start's answer is judged: as JSON, as a stream, not at all (None: not a
+    200), or it cannot be ("other": an SDK would still read its body as one of the two)."""
     if message.get("status") != 200:
         return None
     content_type = b""
@@ -102,7 +111,7 @@ def _shape(message: Message) -> Literal["json", "stream"] | None:
         return "json"
     if content_type == b"text/event-stream":
         return "stream"
-    return None
+    return "other"
 
 
 def _compressed(message: Message) -> bool:
@@ -137,7 +146,7 @@ class _Auditing(_Answer):
         await self.client(message)
         if message["type"] == "http.response.start":
             shape = _shape(message)
-            if shape is not None and not _compressed(message):
+            if (shape == "json" or shape == "stream") and not _compressed(message):
                 self.copy = AnswerCopy(self.kind, shape, self.layer.max_answer_bytes)
         elif self.copy is not None:
             self.copy.add(message.get("body", b""))
@@ -152,7 +161,6 @@ class _Auditing(_Answer):
 
 
 class _Blocking(_Answer):
-    shape: Literal["json", "stream"] | None = None
     start: Message | None = None
     stream: StreamJudge | None = None
 
@@ -163,13 +171,15 @@ class _Blocking(_Answer):
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            self.shape = _shape(message)
-            if self.shape is not None and _compressed(message):
+            shape = _shape(message)
+            if shape == "other":
+                await self._unjudgeable(message, "the upstream answered neither JSON nor server-sent events")
+            elif shape is not None and _compressed(message):
                 await self._unjudgeable(message, "the upstream answered compressed")
-            elif self.shape == "json":
+            elif shape == "json":
                 self.start = message  # held with the body until it is judged
             else:
-                if self.shape == "stream":
+                if shape == "stream":
                     self.stream = StreamJudge(self.kind, self.judged, self.layer.holdback)
                 await self.client(message)
             return
@@ -244,7 +254,6 @@ class _Blocking(_Answer):
                 502, "output_unjudgeable", f"The answer could not be judged by output moderation: {why}."
             ).send(self.client)
             raise _Cut
-        self.shape = None
         await self.client(start)
         if held:
             await self.client({"type": "http.response.body", "body": held, "more_body": True})

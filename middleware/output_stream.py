@@ -166,18 +166,21 @@ class StreamJudge:
         if found.ends_all or event.data == b"[DONE]":
             found.finishes = list(self._texts)
         touched: dict[Key, _Text] = {}
+        paused: set[Key] = set()  # an event of the text without text (tool calls): judge what waits now
         for key, piece in found.texts:
             text = touched[key] = self._texts.setdefault(key, _Text())
             if piece:
                 text.pending += piece
                 text.total += len(piece)
+            else:
+                paused.add(key)
         for key in found.finishes:
             text = touched[key] = self._texts.setdefault(key, _Text())
             text.finished = True
         needs = {key: text.total for key, text in touched.items()}
         self._queue.append(_Held(event.raw, needs, tuple(found.finishes)))
         for key, text in touched.items():
-            if text.pending and (text.finished or len(text.pending) >= self._holdback):
+            if text.pending and (text.finished or key in paused or len(text.pending) >= self._holdback):
                 await self._window(key, text)
                 if self.cut:
                     return

@@ -303,3 +303,33 @@ def test_bad_settings_stop_start_up(
         load_settings()
     assert str(caught.value).startswith(said)
     assert "\n" not in str(caught.value)
+
+
+def test_a_stored_answer_read_back_is_judged(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
+    # a cut answer must not be one `retrieve` away
+    upstream.reply = FLAGGED
+    with output_gateway(settings_factory, upstream, output_holdback_chars=16) as url:
+        client = sdk(url)
+        stored = client.responses.retrieve("resp_mock")
+        assert (stored.status, stored.output_text) == ("incomplete", "")
+        replayed = list(client.responses.retrieve("resp_mock", stream=True))
+        assert "bomb" not in "".join(e.delta for e in replayed if e.type == "response.output_text.delta")
+        assert replayed[-1].type == "response.incomplete"
+        upstream.reply = CLEAN
+        assert client.responses.retrieve("resp_mock").output_text == CLEAN
+
+
+@pytest.mark.parametrize("behaviour", ["gzip", "large=64"])
+def test_an_answer_that_cannot_be_read(
+    settings_factory: SettingsFactory, upstream: MockUpstream, behaviour: str
+) -> None:
+    # compressed although asked not to be, or neither JSON nor a stream: never passed on unjudged when closed
+    body = {"model": "m", "messages": MESSAGES}
+    headers = USER | {"X-Mock": behaviour}
+    with output_gateway(settings_factory, upstream) as url:
+        answer = httpx2.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        assert answer.status_code == 502
+        assert answer.json()["error"]["code"] == "output_unjudgeable"
+        assert upstream.requests[-1].headers["Accept-Encoding"] == "identity"
+    with output_gateway(settings_factory, upstream, moderation_failure="open") as url:
+        assert httpx2.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code == 200
