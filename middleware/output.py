@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
 
 import orjson
+import structlog
 
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
 from middleware.errors import GatewayError
@@ -32,6 +33,8 @@ from middleware.output_sse import EventTooLarge
 from middleware.output_stream import StreamJudge
 from middleware.protocols import Verdict
 from middleware.routes import match, segments
+
+log = structlog.get_logger("middleware.output")
 
 VIOLATION_HEADER = b"x-gateway-output-violation"
 _KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "completions", "responses": "responses"}
@@ -154,6 +157,8 @@ class _Auditing(_Answer):
     async def finish(self) -> None:
         if self.copy is None:
             return
+        if not self.copy.whole:
+            log.warning("output_not_judged_whole", kind=self.kind, limit=self.layer.max_answer_bytes)
         for text in self.copy.texts():  # each choice on its own
             verdict = await self.judged((text,))
             if verdict is not None:
