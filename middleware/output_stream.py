@@ -145,11 +145,16 @@ class StreamJudge:
             if text.verdict is None and text.pending:
                 await self._window(key, text)
         out = bytearray()
+        dropped = False
         for held in self._queue:  # in order; the flagged window's events and all of that text after it dropped
-            if all(self._texts[key].cleared >= upto for key, upto in held.needs.items()):
+            clean = all(self._texts[key].cleared >= upto for key, upto in held.needs.items())
+            # an event tied to no text (a response's item done, quoting it whole) only before any drop
+            if clean and (held.needs or not dropped):
                 out += held.raw
                 for key in held.finishes:
                     self._texts[key].ended = True
+            else:
+                dropped = True
         self._queue.clear()
         if self._kind == "responses":
             return bytes(out + self._incomplete())

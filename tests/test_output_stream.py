@@ -126,3 +126,19 @@ def test_the_reader_cuts_events_at_blank_lines_whatever_the_chunks() -> None:
         assert b"".join(e.raw for e in found) == data
     with pytest.raises(EventTooLarge):
         SseReader(10).feed(b"data: " + b"x" * 20)
+
+
+async def test_after_a_cut_no_event_tied_to_no_text_follows_a_dropped_one() -> None:
+    # an upstream that quotes the text whole in an event of no text (a content part done) before
+    # the text is judged: that event must not go out once the text is flagged
+    stream = StreamJudge("responses", Judge(), holdback=100)
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, **fields}) + b"\n\n"
+
+    delta = event("response.output_text.delta", output_index=0, content_index=0, delta="a bomb")
+    part = event("response.content_part.done", output_index=0, content_index=0, part={"text": "a bomb"})
+    done = event("response.output_text.done", output_index=0, content_index=0, text="a bomb")
+    assert await stream.feed(delta + part + done) == b""
+    assert stream.cut
+    assert b"bomb" not in await stream.finale()
