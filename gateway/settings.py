@@ -260,6 +260,11 @@ class Settings(BaseSettings):
                 f"GATEWAY_APPEAL_WINDOW_DAYS ({self.appeal_window_days:g}): events would be deleted while their "
                 "users may still appeal them; lengthen the retention or shorten the appeal window"
             )
+        if self.output_moderation != "off" and not self.moderation:
+            raise ValueError(
+                f"GATEWAY_OUTPUT_MODERATION={self.output_moderation} needs a detector to judge answers with, "
+                "and GATEWAY_MODERATION is off"
+            )
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ValueError(
                 f"GATEWAY_MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
