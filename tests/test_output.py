@@ -286,6 +286,13 @@ def test_off_adds_nothing(settings_factory: SettingsFactory) -> None:
     assert output_layer(upstream, settings, [], None) is upstream  # type: ignore[arg-type]
 
 
+def test_output_moderation_needs_a_detector(clean_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_MODERATION", "off")
+    monkeypatch.setenv("GATEWAY_OUTPUT_MODERATION", "audit")
+    with pytest.raises(SettingsError, match="GATEWAY_OUTPUT_MODERATION=audit needs a detector"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
     [
@@ -295,13 +302,6 @@ def test_off_adds_nothing(settings_factory: SettingsFactory) -> None:
         ("GATEWAY_OUTPUT_STRIKES", "maybe", "GATEWAY_OUTPUT_STRIKES: Input should be a valid boolean"),
     ],
 )
-def test_output_moderation_needs_a_detector(clean_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_MODERATION", "off")
-    monkeypatch.setenv("GATEWAY_OUTPUT_MODERATION", "audit")
-    with pytest.raises(SettingsError, match="GATEWAY_OUTPUT_MODERATION=audit needs a detector"):
-        load_settings()
-
-
 def test_bad_settings_stop_start_up(
     clean_environment: None, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
 ) -> None:
