@@ -7,7 +7,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import openai
@@ -18,6 +18,8 @@ from prometheus_client import REGISTRY
 from gateway.app import create_app, output_layer
 from gateway.proxy import Upstream
 from gateway.settings import SettingsError, load_settings
+from middleware.output import OutputModeration
+from middleware.output_judge import OutputJudge
 from tests.conftest import SettingsFactory
 from tests.judging import ADMIN, USER
 from tests.servers import run_app
@@ -340,3 +342,54 @@ def test_an_answer_that_cannot_be_read(
         assert upstream.requests[-1].headers["Accept-Encoding"] == "identity"
     with output_gateway(settings_factory, upstream, moderation_failure="open") as url:
         assert httpx2.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code == 200
+
+
+def test_audit_reads_every_api(settings_factory: SettingsFactory, upstream: MockUpstream) -> None:
+    upstream.reply = FLAGGED
+    with output_gateway(settings_factory, upstream, output_moderation="audit") as url:
+        client = sdk(url)
+        assert client.completions.create(model="m", prompt="go").choices[0].text == FLAGGED
+        streamed = list(client.responses.create(model="m", input="go", stream=True))
+        assert streamed[-1].type == "response.completed"
+        assert client.responses.create(model="m", input="go").output_text == FLAGGED
+        deadline = time.monotonic() + 5
+        while len(found := events_of(url)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(event["path"] for event in found) == ["/v1/completions", "/v1/responses", "/v1/responses"]
+        assert {event["text_sha256"] for event in found} == {sha256(FLAGGED)}
+
+
+class _Inner:
+    """An inner app answering one JSON body in pieces, as the proxy streams a large one."""
+
+    def __init__(self, body: bytes, pieces: int = 4) -> None:
+        self.body = body
+        self.pieces = pieces
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        size = len(self.body) // self.pieces + 1
+        for start in range(0, len(self.body), size):
+            more = start + size < len(self.body)
+            await send({"type": "http.response.body", "body": self.body[start : start + size], "more_body": more})
+
+
+@pytest.mark.parametrize("failure", ["closed", "open"])
+async def test_a_json_answer_too_large_to_judge(failure: Literal["closed", "open"]) -> None:
+    body = orjson.dumps({"choices": [{"index": 0, "message": {"content": FLAGGED}, "finish_reason": "stop"}]})
+    judge = OutputJudge([], failure, None, mode="block", strikes=False)  # type: ignore[arg-type]
+    layer = OutputModeration(_Inner(body), judge, holdback=10, failure=failure, max_answer_bytes=len(body) // 2)
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "/v1", "headers": []}
+    await layer(scope, None, send)  # type: ignore[arg-type]
+    if failure == "closed":
+        assert sent[0]["status"] == 502
+        assert b"output_unjudgeable" in sent[1]["body"]
+    else:  # passed on as it came, in order
+        assert sent[0]["status"] == 200
+        assert b"".join(message.get("body", b"") for message in sent[1:]) == body
