@@ -234,7 +234,9 @@ class _Blocking(_Answer):
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
-            document = None  # not an answer the SDK could read either: passed on as it came
+            await self._unjudgeable(start, "its JSON does not parse", body)  # closed: raises
+            await self.client({"type": "http.response.body", "body": b""})
+            return
         flagged: dict[int, Verdict] = {}
         for index, text in answer_texts(self.kind, document).items():
             verdict = await self.judged((text,))
