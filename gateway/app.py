@@ -143,7 +143,9 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
     return detectors
 
 
-def output_layer(upstream: ASGIApp, settings: Settings, detectors: Sequence[Detector], store: Store) -> ASGIApp:
+def output_layer(
+    upstream: ASGIApp, settings: Settings, detectors: Sequence[Detector], store: Store, budget: ByteBudget
+) -> ASGIApp:
     """The proxy, behind output moderation unless GATEWAY_OUTPUT_MODERATION=off (then nothing is added)."""
     if settings.output_moderation == "off":
         return upstream
@@ -155,7 +157,7 @@ def output_layer(upstream: ASGIApp, settings: Settings, detectors: Sequence[Dete
         strikes=settings.output_strikes,
     )
     return OutputModeration(
-        upstream, judge, holdback=settings.output_holdback_chars, failure=settings.moderation_failure
+        upstream, judge, holdback=settings.output_holdback_chars, failure=settings.moderation_failure, budget=budget
     )
 
 
@@ -282,8 +284,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
     salt = None
     if settings.safety_identifier == "hash" and settings.safety_salt:
         salt = settings.safety_salt.get_secret_value().encode()
+    budget = ByteBudget(settings.max_buffered_bytes)  # request bodies, and answers held to be judged
     v1: ASGIApp = ModerationMiddleware(
-        output_layer(upstream, settings, detectors, store),
+        output_layer(upstream, settings, detectors, store, budget),
         store=store,
         detectors=detectors,
         user_header=settings.user_header,
@@ -293,7 +296,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         store_failure=settings.store_failure,
         enforcement=settings.enforcement,
         safety_salt=salt,
-        body_budget=ByteBudget(settings.max_buffered_bytes),
+        body_budget=budget,
         users_per_app=settings.users_per_app,
         moderation_mode=settings.moderation_mode,
         pii=settings.pii,

@@ -25,6 +25,7 @@ import orjson
 import structlog
 
 from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from middleware.budgets import ByteBudget, server_busy
 from middleware.errors import GatewayError
 from middleware.output_audit import AnswerCopy
 from middleware.output_body import Kind, answer_texts, filtered
@@ -55,12 +56,14 @@ class OutputModeration:
         *,
         holdback: int,
         failure: Literal["closed", "open"],
+        budget: ByteBudget,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.app = app
         self.judge = judge
         self.holdback = holdback
         self.failure = failure
+        self.budget = budget  # shared with the request bodies: GATEWAY_MAX_BUFFERED_BYTES bounds both
         self.max_answer_bytes = max_answer_bytes
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
@@ -81,9 +84,12 @@ class OutputModeration:
         scope["headers"] = [*headers, (b"accept-encoding", b"identity")]
         authorization = next((value for name, value in headers if name == b"authorization"), None)
         answer = (_Blocking if self.judge.mode == "block" else _Auditing)(self, kind, send, authorization)
-        with contextlib.suppress(_Cut):
-            await self.app(scope, receive, answer.send)
-        await answer.finish()
+        try:
+            with contextlib.suppress(_Cut):
+                await self.app(scope, receive, answer.send)
+            await answer.finish()
+        finally:
+            answer.release()
         state = scope.get("state")
         note: dict[str, Any] = state if isinstance(state, dict) else {}
         for verdict in answer.flags:
@@ -141,6 +147,9 @@ class _Answer:
     async def finish(self) -> None:
         """After the proxy returned (or was cut)."""
 
+    def release(self) -> None:
+        """Give back what the answer held of the byte budget."""
+
 
 class _Auditing(_Answer):
     copy: AnswerCopy | None = None
@@ -172,7 +181,12 @@ class _Blocking(_Answer):
     def __init__(self, layer: OutputModeration, kind: Kind, send: Send, authorization: bytes | None) -> None:
         super().__init__(layer, kind, send, authorization)
         self.body = bytearray()
+        self.held = 0  # of the byte budget
         self.ended = False
+
+    def release(self) -> None:
+        self.layer.budget.give(self.held)
+        self.held = 0
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -225,6 +239,13 @@ class _Blocking(_Answer):
             self.body.clear()
             await self.client({"type": "http.response.body", "body": body, "more_body": more})
             return
+        try:
+            self.layer.budget.take(len(body))
+        except GatewayError:
+            self.start = None
+            await server_busy("bodies held in memory").send(self.client)
+            raise _Cut from None
+        self.held += len(body)
         self.body += body
         if more:
             return

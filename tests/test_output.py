@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from gateway.app import create_app, output_layer
 from gateway.proxy import Upstream
 from gateway.settings import SettingsError, load_settings
+from middleware.budgets import ByteBudget
 from middleware.output import OutputModeration
 from middleware.output_judge import OutputJudge
 from tests.conftest import SettingsFactory
@@ -285,7 +286,7 @@ def test_strikes_only_when_asked(settings_factory: SettingsFactory, upstream: Mo
 def test_off_adds_nothing(settings_factory: SettingsFactory) -> None:
     settings = settings_factory()
     upstream = Upstream(settings)
-    assert output_layer(upstream, settings, [], None) is upstream  # type: ignore[arg-type]
+    assert output_layer(upstream, settings, [], None, ByteBudget(1)) is upstream  # type: ignore[arg-type]
 
 
 def test_output_moderation_needs_a_detector(clean_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -383,7 +384,8 @@ async def test_a_json_answer_that_cannot_be_judged(failure: Literal["closed", "o
         body = b"\xef\xbb\xbf" + body  # a byte-order mark: some readers skip it, orjson does not
     judge = OutputJudge([], failure, None, mode="block", strikes=False)  # type: ignore[arg-type]
     limit = len(body) // 2 if problem == "too large" else len(body)
-    layer = OutputModeration(_Inner(body), judge, holdback=10, failure=failure, max_answer_bytes=limit)
+    budget = ByteBudget(1 << 20)
+    layer = OutputModeration(_Inner(body), judge, holdback=10, failure=failure, budget=budget, max_answer_bytes=limit)
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -391,9 +393,33 @@ async def test_a_json_answer_that_cannot_be_judged(failure: Literal["closed", "o
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "/v1", "headers": []}
     await layer(scope, None, send)  # type: ignore[arg-type]
+    assert budget.used == 0
     if failure == "closed":
         assert sent[0]["status"] == 502
         assert b"output_unjudgeable" in sent[1]["body"]
     else:  # passed on as it came, in order
         assert sent[0]["status"] == 200
         assert b"".join(message.get("body", b"") for message in sent[1:]) == body
+
+
+async def test_answers_held_count_against_the_byte_budget() -> None:
+    body = orjson.dumps({"choices": [{"index": 0, "message": {"content": CLEAN}, "finish_reason": "stop"}]})
+    judge = OutputJudge([], "closed", None, mode="block", strikes=False)  # type: ignore[arg-type]
+    budget = ByteBudget(len(body) - 1)  # the rest is held by other calls
+    layer = OutputModeration(_Inner(body), judge, holdback=10, failure="closed", budget=budget)
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "/v1", "headers": []}
+    await layer(scope, None, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 503
+    assert b"server_busy" in sent[1]["body"]
+    assert budget.used == 0
+    budget.limit = len(body)
+    sent.clear()
+    await layer(scope, None, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 200
+    assert sent[1]["body"] == body
+    assert budget.used == 0
