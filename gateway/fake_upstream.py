@@ -7,21 +7,9 @@ It lives in the installed package (`tests/` and `loadtests/` are not shipped) so
 No key is needed and every model name is answered. In a test, `with FakeUpstream() as mock:`
 serves it from a thread of its own on a loopback port (`mock.url` ends in /v1).
 
-Routes (any other path answers 404 in OpenAI's error shape; a body that is not a JSON object, 400):
-- `POST /v1/chat/completions`: a `chat.completion` whose content is `reply` (a `{prompt}` in it
-  becomes the last user message); with `"stream": true`, `chunks` `chat.completion.chunk` events
-  (the first also carries the role) `chunk_delay` seconds apart, a finish chunk, a usage chunk
-  when `stream_options.include_usage`, then `data: [DONE]`. With `"n": N`, N choices: choice i
-  says `replies[i]` (default: `reply`); streamed, their chunks alternate, each choice's finish
-  chunk right after its last piece.
-- `POST /v1/completions`: a `text_completion`, likewise.
-- `POST /v1/responses`: a completed `response`; streamed as `response.created`, the text deltas,
-  `response.completed`. `GET /v1/responses/resp_mock` (`?stream=true`) reads it back.
-- `POST /v1/moderations`: one result per input string (one for a list of multimodal parts). A
-  result is flagged when a text or image URL contains a key of `flag_words` (case-insensitive):
-  that category is true with score 0.9, every other false with 0.01. A text holding one of
-  `fail_words` gets a 500 instead (a detector failing on one window of an answer).
-- `GET /v1/models`: the model list.
+Routes: `POST /v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/moderations`;
+`GET /v1/responses/resp_mock`, `/v1/models`; what each answers is gateway/fake_answers.py. Any
+other path answers 404 in OpenAI's error shape; a body that is not a JSON object, 400.
 
 Benchmark streams: a chat completion whose body names a `"bench_group"` is a stream of `chunks`
 chunks, each stamped with `"sent_ns"` (`time.monotonic_ns()` as it is written: one clock for every
@@ -69,28 +57,10 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import fake_answers as answers
+from gateway.fake_answers import FLAG_WORDS, REPLY
 from gateway.fake_stamped import StampedGroups
 
-MODEL = "gpt-mock"
-REPLY = "Hello from the mock upstream."
-FLAG_WORDS = {"forbidden": "violence"}
-# The categories of OpenAI's omni-moderation-latest, as its answers list them.
-MODERATION_CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/intent",
-    "self-harm/instructions",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
-USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
 _SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -123,36 +93,6 @@ def _parse_spec(spec: str) -> dict[str, str]:
 def _error(status: int, message: str, code: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": "mock_error", "param": None, "code": code or f"mock_{status}"}}
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _data(event: Any) -> bytes:
-    return b"data: " + orjson.dumps(event) + b"\n\n"
-
-
-def _last_user_text(payload: dict[str, Any]) -> str:
-    messages = payload.get("messages")
-    for message in reversed(messages if isinstance(messages, list) else []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-            return str(content or "")
-    return ""
-
-
-def _moderation_groups(raw: Any) -> list[list[str]]:
-    """The texts of each result: one per input string, one for a list of multimodal parts."""
-    if isinstance(raw, str):
-        return [[raw]]
-    if isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
-        return [[item] for item in raw]
-    texts: list[str] = []
-    for part in raw if isinstance(raw, list) else []:  # multimodal parts are judged together, as OpenAI does
-        if isinstance(part, dict) and part.get("type") == "text":
-            texts.append(str(part.get("text", "")))
-        elif isinstance(part, dict) and isinstance(image := part.get("image_url"), dict):
-            texts.append(str(image.get("url", "")))
-    return [texts]
 
 
 class FakeUpstream:
@@ -382,23 +322,6 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
-    def _pieces(self, text: str) -> list[str]:
-        """`text` cut at spaces into `chunks` pieces that add up to it: the words spread evenly, or
-        one a piece and empty pieces after them when there are fewer words than chunks."""
-        words = text.split(" ")
-        count, total = max(1, self.chunks), len(words)
-        ends = [total * i // count if total >= count else min(i, total) for i in range(1, count + 1)]
-        pieces, start = [], 0
-        for end in ends:
-            pieces.append(" ".join(words[start:end]) + (" " if start < end < total else ""))
-            start = end
-        return pieces
-
-    def _text(self, payload: dict[str, Any]) -> str:
-        if "{prompt}" in self.reply:
-            return self.reply.replace("{prompt}", _last_user_text(payload))
-        return self.reply
-
     async def _chat(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
@@ -407,118 +330,27 @@ class FakeUpstream:
             text = int(payload.get("bench_text", 0))
             group = str(payload["bench_group"])
             return await self._groups.answer(request, group, members, self.chunks, self.chunk_delay, text)
-        base = {"id": "chatcmpl-mock", "created": int(time.time()), "model": str(payload.get("model", MODEL))}
-        texts = self._texts(payload)
+        texts = answers.choice_texts(payload, self.reply, self.replies)
         if not payload.get("stream"):
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": text, "refusal": None}}
-                | {"logprobs": None, "finish_reason": "stop"}
-                for i, text in enumerate(texts)
-            ]
-            return self._json(behaviour, {**base, "object": "chat.completion", "choices": choices, "usage": USAGE})
-        chunk = {**base, "object": "chat.completion.chunk"}
-
-        def chat_choice(i: int, j: int, piece: str | None) -> dict[str, Any]:
-            if piece is None:
-                return {"index": i, "delta": {}, "logprobs": None, "finish_reason": "stop"}
-            delta = {"role": "assistant", "content": piece} if j == 0 else {"content": piece}
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
-
-        pieces = [_data({**chunk, "choices": [choice]}) for choice in self._interleaved(texts, chat_choice)]
-        tail = b""
-        options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            tail += _data({**chunk, "choices": [], "usage": USAGE})
-        return await self._sse(request, behaviour, pieces, tail + b"data: [DONE]\n\n")
+            return self._json(behaviour, answers.chat_completion(payload, texts))
+        return await self._sse(request, behaviour, *answers.chat_chunks(payload, texts, self.chunks))
 
     async def _completion(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
-        base = {"id": "cmpl-mock", "object": "text_completion", "created": int(time.time())}
-        base["model"] = str(payload.get("model", MODEL))
-        texts = self._texts(payload)
+        texts = answers.choice_texts(payload, self.reply, self.replies)
         if not payload.get("stream"):
-            choices = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i, text in enumerate(texts)
-            ]
-            return self._json(behaviour, {**base, "choices": choices, "usage": USAGE})
-
-        def text_choice(i: int, j: int, piece: str | None) -> dict[str, Any]:
-            return {
-                "index": i,
-                "text": piece or "",
-                "logprobs": None,
-                "finish_reason": "stop" if piece is None else None,
-            }
-
-        pieces = [_data({**base, "choices": [choice]}) for choice in self._interleaved(texts, text_choice)]
-        return await self._sse(request, behaviour, pieces, b"data: [DONE]\n\n")
-
-    def _texts(self, payload: dict[str, Any]) -> list[str]:
-        """Each choice's text (`n` of them)."""
-        n = payload.get("n")
-        count = n if isinstance(n, int) and 1 <= n <= 8 else 1
-        return [self.replies[i] if i < len(self.replies) else self._text(payload) for i in range(count)]
-
-    def _interleaved(self, texts: list[str], choice: Any) -> list[dict[str, Any]]:
-        """The choices' stream chunks: piece j of each choice in turn, a finish (piece None) after its last."""
-        split = [self._pieces(text) for text in texts]
-        out = []
-        for j in range(max(map(len, split))):
-            for i, pieces in enumerate(split):
-                if j < len(pieces):
-                    out.append(choice(i, j, pieces[j]))
-                if j == len(pieces) - 1:
-                    out.append(choice(i, j + 1, None))
-        return out
+            return self._json(behaviour, answers.completion(payload, texts))
+        return await self._sse(request, behaviour, *answers.completion_chunks(payload, texts, self.chunks))
 
     async def _response(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
-        text = self._text(payload)
-        content = {"type": "output_text", "text": text, "annotations": []}
-        message = {
-            "type": "message",
-            "id": "msg_mock",
-            "status": "completed",
-            "role": "assistant",
-            "content": [content],
-        }
-        done = {
-            "id": "resp_mock",
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed",
-            "model": str(payload.get("model", MODEL)),
-            "output": [message],
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            "usage": {
-                "input_tokens": 5,
-                "output_tokens": 7,
-                "total_tokens": 12,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens_details": {"reasoning_tokens": 0},
-            },
-        }
+        text = answers.reply_text(payload, self.reply)
+        done = answers.response(payload, text)
         if not payload.get("stream"):
             return self._json(behaviour, done)
-
-        def event(kind: str, fields: dict[str, Any]) -> bytes:
-            return f"event: {kind}\n".encode() + _data({"type": kind, **fields})
-
-        started = event(
-            "response.created", {"response": {**done, "status": "in_progress", "output": [], "usage": None}}
-        )
-        deltas = [
-            event(
-                "response.output_text.delta",
-                {"item_id": "msg_mock", "output_index": 0, "content_index": 0} | {"delta": piece},
-            )
-            for piece in self._pieces(text)
-        ]
-        return await self._sse(request, behaviour, [started, *deltas], event("response.completed", {"response": done}))
+        return await self._sse(request, behaviour, *answers.response_events(done, text, self.chunks))
 
     async def _stored(self, request: web.Request, behaviour: dict[str, str], _: dict[str, Any]) -> web.StreamResponse:
         return await self._response(request, behaviour, {"stream": request.query.get("stream") == "true"})
@@ -526,29 +358,15 @@ class FakeUpstream:
     async def _moderation(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
-        results = []
-        groups = _moderation_groups(payload.get("input"))
-        if any(word in " ".join(texts).lower() for texts in groups for word in self.fail_words):
+        groups = answers.moderation_groups(payload.get("input"))
+        if answers.moderation_fails(groups, self.fail_words):
             return _error(500, "the mock moderation endpoint fails on this text")
-        for texts in groups:
-            joined = " ".join(texts).lower()
-            hits = {category for word, category in self.flag_words.items() if word.lower() in joined}
-            results.append(
-                {
-                    "flagged": bool(hits),
-                    "categories": {name: name in hits for name in MODERATION_CATEGORIES},
-                    "category_scores": {name: 0.9 if name in hits else 0.01 for name in MODERATION_CATEGORIES},
-                    "category_applied_input_types": {name: ["text"] for name in MODERATION_CATEGORIES},
-                }
-            )
-        model = str(payload.get("model", "omni-moderation-latest"))
-        return self._json(behaviour, {"id": "modr-mock", "model": model, "results": results})
+        return self._json(behaviour, answers.moderation(payload, groups, self.flag_words))
 
     async def _models(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]
     ) -> web.StreamResponse:
-        data = [{"id": MODEL, "object": "model", "created": 0, "owned_by": "mock"}]
-        return self._json(behaviour, {"object": "list", "data": data})
+        return self._json(behaviour, answers.models())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

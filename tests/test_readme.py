@@ -17,7 +17,7 @@ from middleware.detectors import DEFAULT_RULES_FILE
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 # The demo tells the error codes in its story; the codes must exist in the gateway itself.
-NOT_THE_GATEWAY = {ROOT / "gateway" / "demo.py", ROOT / "gateway" / "fake_upstream.py"}
+NOT_THE_GATEWAY = {ROOT / "gateway" / name for name in ("demo.py", "fake_upstream.py", "fake_answers.py")}
 
 
 FIELDS = {variable_name(field): field for field in Settings.model_fields}
