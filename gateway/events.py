@@ -1,6 +1,7 @@
-"""Reading the audit trail (`events`): a user's timeline and the 24-hour statistics; a moderator's notes.
+"""The audit trail (`events`): a violation's row; a user's timeline and the 24-hour statistics; notes.
 
-The store writes events inside its transactions; what is only read lives here. Event kinds:
+The store writes events inside its transactions, holding the user's row lock: a violation's row
+here (`insert_violation`), block changes in gateway/blocks.py. Event kinds:
 `violation` (refused, or recorded in shadow mode), `warning` (refused, no points),
 `output_violation` (a flagged answer), `block` and `unblock`, `reversed` (a moderator's
 correction), `appeal_accepted` and `appeal_rejected` (gateway/appeals.py), `note`, and
@@ -14,6 +15,8 @@ from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+
+from middleware.protocols import Violation
 
 type Connection = PoolConnectionProxy[asyncpg.Record]
 
@@ -41,6 +44,15 @@ SELECT user_id, 'note', $2, $3 FROM users WHERE user_id = $1
 RETURNING {EVENT_COLUMNS}
 """  # noqa: S608
 
+# A counted row's strike lasts $13 seconds (0: until a block or unblock resets the points).
+_INSERT_VIOLATION = """
+INSERT INTO events (user_id, kind, shadow, counted, categories, detector, rule, path, text_sha256, scores, app,
+    points, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+    CASE WHEN NOT $4 THEN NULL WHEN $13::float8 = 0 THEN 'infinity'::timestamptz
+        ELSE now() + make_interval(secs => $13::float8) END)
+RETURNING id, at
+"""
 _STATS = """
 SELECT
     (SELECT count(*) FROM users WHERE blocked_until > now()) AS blocked_users,
@@ -63,6 +75,39 @@ def iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def insert_violation(
+    conn: Connection,
+    user_id: str,
+    violation: Violation,
+    kind: str,
+    *,
+    counted: bool,
+    shadow: bool = False,
+    points: int = 0,
+    lifetime: float = 0.0,
+) -> asyncpg.Record:
+    """Record a violation (`kind`: violation, warning or output_violation); its row's id and time."""
+    verdict = violation.verdict
+    event = await conn.fetchrow(
+        _INSERT_VIOLATION,
+        user_id,
+        kind,
+        shadow,
+        counted,
+        list(verdict.categories),
+        verdict.detector,
+        verdict.rule,
+        violation.path,
+        verdict.text_sha256,
+        dict(verdict.scores),
+        violation.app,
+        points,
+        lifetime,
+    )
+    assert event is not None
+    return event
 
 
 async def user_events(conn: Connection, user_id: str, limit: int) -> list[dict[str, Any]]:

@@ -84,15 +84,6 @@ SELECT {POINTS} AS points,
         LIMIT $3) AS recent) AS recent
 FROM users u WHERE u.user_id = $2
 """  # noqa: S608
-# A counted row's strike lasts $13 seconds (0: until a block or unblock resets the points).
-_INSERT_VIOLATION = """
-INSERT INTO events (user_id, kind, shadow, counted, categories, detector, rule, path, text_sha256, scores, app,
-    points, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-    CASE WHEN NOT $4 THEN NULL WHEN $13::float8 = 0 THEN 'infinity'::timestamptz
-        ELSE now() + make_interval(secs => $13::float8) END)
-RETURNING id, at
-"""
 _EXPIRED = f"""
 SELECT user_id, {_STATE_COLUMNS} FROM users
 WHERE blocked_until <= now()
@@ -169,7 +160,7 @@ class Store(Casework):
             return await self._record(user_id, violation, "output_violation")
         async with self._connection() as conn, conn.transaction():
             await conn.execute(_ENSURE_USER, user_id)
-            event = await self._insert(conn, user_id, violation, "output_violation", counted=False)
+            event = await events.insert_violation(conn, user_id, violation, "output_violation", counted=False)
             row = await conn.fetchrow(_STANDING, self.policy.window, user_id)
         assert row is not None
         return self._outcome(violation, event, strikes=row["strikes"], block=self._block_of(row))
@@ -177,7 +168,7 @@ class Store(Casework):
     async def record_shadow_violation(self, user_id: str, violation: Violation) -> None:
         async with self._connection() as conn, conn.transaction():
             await conn.execute(_ENSURE_USER, user_id)
-            await self._insert(conn, user_id, violation, "violation", counted=False, shadow=True)
+            await events.insert_violation(conn, user_id, violation, "violation", counted=False, shadow=True)
 
     async def _record(self, user_id: str, violation: Violation, kind: ViolationKind) -> StrikeOutcome:
         policy = self.policy
@@ -188,7 +179,7 @@ class Store(Casework):
                 await blocks.expire(conn, self.policy, user_id, state)
             elif state["blocked"]:
                 # A call that passed the block check just before the block: recorded, no points.
-                event = await self._insert(conn, user_id, violation, kind, counted=False)
+                event = await events.insert_violation(conn, user_id, violation, kind, counted=False)
                 row = await conn.fetchrow(_STANDING, policy.window, user_id)
                 assert row is not None
                 return self._outcome(violation, event, strikes=row["strikes"], block=self._block_of(row))
@@ -200,7 +191,7 @@ class Store(Casework):
             points = 0 if warning else judgement.points
             lifetime = policy.window if warning else judgement.lifetime
             recorded = "warning" if warning and kind == "violation" else kind
-            event = await self._insert(
+            event = await events.insert_violation(
                 conn, user_id, violation, recorded, counted=True, points=points, lifetime=lifetime
             )
             strikes = tally["points"] + points
@@ -377,35 +368,3 @@ class Store(Casework):
     async def _expire_one(self, user_id: str) -> None:
         async with self._connection() as conn, conn.transaction():
             await self._lock(conn, user_id)
-
-    async def _insert(
-        self,
-        conn: Connection,
-        user_id: str,
-        violation: Violation,
-        kind: str,
-        *,
-        counted: bool,
-        shadow: bool = False,
-        points: int = 0,
-        lifetime: float = 0.0,
-    ) -> asyncpg.Record:
-        verdict = violation.verdict
-        event = await conn.fetchrow(
-            _INSERT_VIOLATION,
-            user_id,
-            kind,
-            shadow,
-            counted,
-            list(verdict.categories),
-            verdict.detector,
-            verdict.rule,
-            violation.path,
-            verdict.text_sha256,
-            dict(verdict.scores),
-            violation.app,
-            points,
-            lifetime,
-        )
-        assert event is not None
-        return event
