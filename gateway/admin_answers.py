@@ -98,6 +98,7 @@ class Stats(_StoreAnswer):
     blocks_24h: int = Field(ge=0)
     violations_by_category_24h: dict[str, Annotated[int, Field(ge=0)]]
     shadow_violations_24h: int = Field(ge=0, description="Violations recorded in shadow mode (no strike).")
+    output_violations_24h: int = Field(ge=0, description="Flagged answers (GATEWAY_OUTPUT_MODERATION).")
 
 
 class OperatorInfo(_Answer):

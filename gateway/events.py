@@ -59,7 +59,8 @@ SELECT
     count(*) FILTER (WHERE kind IN ('violation', 'warning') AND NOT shadow) AS violations,
     count(*) FILTER (WHERE kind = 'warning') AS warnings,
     count(*) FILTER (WHERE kind = 'violation' AND shadow) AS shadow_violations,
-    count(*) FILTER (WHERE kind = 'block') AS blocks
+    count(*) FILTER (WHERE kind = 'block') AS blocks,
+    count(*) FILTER (WHERE kind = 'output_violation') AS output_violations
 FROM events WHERE at > now() - interval '24 hours'
 """
 _STATS_CATEGORIES = """
@@ -135,6 +136,7 @@ async def stats(conn: Connection) -> dict[str, Any]:
         "violations_by_category_24h": {row["category"]: row["n"] for row in categories},
         "warnings_24h": totals["warnings"],
         "shadow_violations_24h": totals["shadow_violations"],
+        "output_violations_24h": totals["output_violations"],
     }
 
 

@@ -268,6 +268,8 @@ def test_audit_records_without_touching(settings_factory: SettingsFactory, upstr
         assert answer.parse().choices[0].message.content == FLAGGED
         assert answer.headers.get("x-gateway-output-violation") is None
         assert len(events_of(url)) == 2 or len(events_of(url, wait=2)) == 2
+        stats = httpx2.get(f"{url}/admin/stats", headers=ADMIN).json()
+        assert (stats["output_violations_24h"], stats["violations_24h"]) == (2, 0)  # not the user's own words
     after = REGISTRY.get_sample_value("gateway_output_violations_total", labels)
     assert after == before + 2
 

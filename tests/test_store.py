@@ -441,6 +441,7 @@ async def test_stats_count_the_last_day(store: Store) -> None:
         "violations_by_category_24h": {"hate": 1, "violence": 3},
         "warnings_24h": 0,
         "shadow_violations_24h": 1,
+        "output_violations_24h": 0,
     }
 
 
