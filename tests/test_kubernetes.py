@@ -368,6 +368,8 @@ def _read_only_gateway(workers: int, empty_dir_tmp: bool, database_url: str, ups
         pytest.skip("needs root and unshare(1) to make a read-only mount namespace")
     if empty_dir_tmp and f"host={tempfile.gettempdir()}" in database_url:
         pytest.skip("the embedded test PostgreSQL's socket is in /tmp, which the emptyDir would hide")
+    if empty_dir_tmp and Path(sys.executable).absolute().is_relative_to(tempfile.gettempdir()):
+        pytest.skip("this checkout's Python is in /tmp, which the emptyDir would hide")
     settings = {name: value for name, value in _environment(_one("Deployment", "chat-gateway")).items() if value}
     environment = child_env(
         **{
