@@ -64,6 +64,19 @@ def _assigned(*functions: Callable[..., object]) -> set[str]:
     return set(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?=(?!=)", source))
 
 
+def test_starlette_mounts_match_on_the_compiled_pattern_the_app_replaces() -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount
+
+    mount = Mount("/admin", app=PlainTextResponse("admin"))
+    assert isinstance(getattr(mount, "path_regex", None), re.Pattern), (
+        f"starlette {version('starlette')}: Mount.path_regex is gone; gateway/app.py _mount replaces it"
+    )
+    mount.path_regex = re.compile(mount.path_regex.pattern, re.DOTALL)
+    match, _ = mount.matches({"type": "http", "path": "/admin/users/a\nb", "root_path": "", "method": "GET"})
+    assert match.name == "FULL", "Mount.matches no longer reads path_regex: gateway/app.py _mount must change"
+
+
 def test_prometheus_client_has_the_created_series_switch() -> None:
     from prometheus_client import metrics
 
