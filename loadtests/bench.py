@@ -41,7 +41,16 @@ from pathlib import Path
 import aiohttp
 
 from gateway.disconnects import DISCONNECT_WATCH_AFTER
-from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database
+from loadtests.harness import (
+    ROOT,
+    LoadRunFailed,
+    child_env,
+    free_port,
+    gateway_env,
+    scratch_database,
+    wait_answering,
+)
+from loadtests.stamped import percentile, twin_streams
 
 HERE = Path(__file__).resolve().parent
 K6 = ROOT / ".venv" / "bin" / "k6"
@@ -58,7 +67,7 @@ FLOOR_HOP = ["session"]  # --floor-hop: how the floor makes its upstream call
 GATEWAY_ENV: dict[str, str] = {}  # --gateway-env: settings on top of the benchmark's own
 
 
-class BenchFailed(Exception):
+class BenchFailed(LoadRunFailed):
     pass
 
 
@@ -85,21 +94,6 @@ class Servers:
     urls: dict[str, str]
     pids: dict[str, int]
     stream_urls: dict[str, str] = field(default_factory=dict)
-
-
-def _wait(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchFailed(f"{name} exited with code {process.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (loopback URL we built)
-                return
-        except OSError as exc:
-            if getattr(exc, "code", None):  # an HTTP error status: it answers
-                return
-        time.sleep(0.2)
-    raise BenchFailed(f"{name} did not answer {url} within {timeout:.0f} s")
 
 
 @contextmanager
@@ -171,7 +165,7 @@ def _servers(
     mock_url, mock = stack.enter_context(_mock(scratch))
     upstream = upstream_url or mock_url
     servers = Servers(urls={"direct": upstream}, pids={})
-    _wait(f"{mock_url}/", mock, "nginx")
+    wait_answering(f"{mock_url}/", mock, "nginx")
     if "floor" in targets:
         port = free_port()
         command = [*wrap.get("floor", []), sys.executable, "-m", "loadtests.floor_proxy", "--port", str(port)]
@@ -407,71 +401,6 @@ def _cpu_ratios(runs: list[list[Step]], rates: list[int]) -> dict[int, list[floa
     return ratios
 
 
-async def _stream_once(
-    session: aiohttp.ClientSession, url: str, user: str, group: str, members: int
-) -> dict[int, float]:
-    """Milliseconds from each chunk's send (stamped by the mock) to its arrival here, by chunk index."""
-    body = {
-        "model": "gpt-4o-mini",
-        "stream": True,
-        "messages": [{"role": "user", "content": "Tell me a story."}],
-        "bench_group": group,
-        "bench_members": members,
-    }
-    delays: dict[int, float] = {}
-    async with session.post(f"{url}/v1/chat/completions", json=body, headers={"X-User-ID": user}) as response:
-        if response.status != 200:
-            raise BenchFailed(f"stream through {url} answered {response.status}: {await response.text()}")
-        buffer = b""
-        async for data in response.content.iter_any():
-            now = time.monotonic_ns()
-            buffer += data
-            *events, buffer = buffer.split(b"\n\n")
-            for event in events:
-                payload = event.removeprefix(b"data: ")
-                if payload.startswith(b"{"):
-                    chunk = json.loads(payload)
-                    delays[chunk["index"]] = (now - chunk["sent_ns"]) / 1e6
-    return delays
-
-
-async def _twin_streams(direct: str, proxy: str, streams: int, concurrency: int) -> tuple[list[float], ...]:
-    """Stream pairs, one straight to the mock and its twin through `proxy`, `concurrency` pairs at once.
-
-    The mock writes chunk i of both twins back to back (the fake upstream's bench groups), so the
-    difference of their delays is what the proxy added to that chunk, with the mock's and this
-    client's own hiccups common to both. Returns (direct delays, proxy delays, proxy minus direct
-    per chunk).
-    """
-    semaphore = asyncio.Semaphore(concurrency)
-    straight: list[float] = []
-    through: list[float] = []
-    gained: list[float] = []
-    run = secrets.token_hex(3)
-
-    async def pair(index: int) -> None:
-        group = f"{run}-{index}"
-        user = f"bench-stream-{index % 100}"
-        async with semaphore:
-            one, two = await asyncio.gather(
-                _stream_once(session, direct, user, group, 2), _stream_once(session, proxy, user, group, 2)
-            )
-        for chunk, delay in one.items():
-            if chunk in two:
-                straight.append(delay)
-                through.append(two[chunk])
-                gained.append(two[chunk] - delay)
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(pair(index) for index in range(streams)))
-    return straight, through, gained
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
 def stream(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
     """Chunk delays gained through the floor and through the gateway, each against a twin sent straight.
 
@@ -492,27 +421,27 @@ def stream(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
         _wait_pid(f"{mock_url}/", mock_pid, "sse mock")
         servers = _servers(stack, scratch, proxies, upstream_url=mock_url)
         for proxy in proxies:  # warm-up
-            asyncio.run(_twin_streams(mock_url, servers.urls[proxy], 10, args.concurrency))
+            asyncio.run(twin_streams(mock_url, servers.urls[proxy], streams=10, concurrency=args.concurrency))
         for repeat in range(args.repeat):
             order = proxies if repeat % 2 == 0 else tuple(reversed(proxies))
             for proxy in order:
-                straight, through, gained = asyncio.run(
-                    _twin_streams(mock_url, servers.urls[proxy], args.streams, args.concurrency)
+                twins = asyncio.run(
+                    twin_streams(mock_url, servers.urls[proxy], streams=args.streams, concurrency=args.concurrency)
                 )
-                direct_cells = {f"p{q}": _percentile(straight, q) for q in (50, 99)}
-                through_cells = {f"p{q}": _percentile(through, q) for q in (50, 99)}
-                gained_cells = {f"p{q}": _percentile(gained, q) for q in (50, 95, 99)}
+                direct_cells = {f"p{q}": percentile(twins.straight, q) for q in (50, 99)}
+                through_cells = {f"p{q}": percentile(twins.through, q) for q in (50, 99)}
+                gained_cells = {f"p{q}": percentile(twins.gained, q) for q in (50, 95, 99)}
                 for key, value in gained_cells.items():
                     summary[proxy][key].append(value)
                 print(
-                    f"run {repeat + 1}  {proxy:8s} {len(gained)} chunk pairs  delay ms: straight p50 "
+                    f"run {repeat + 1}  {proxy:8s} {len(twins.gained)} chunk pairs  delay ms: straight p50 "
                     f"{direct_cells['p50']:.3f} p99 {direct_cells['p99']:.3f}, through p50 {through_cells['p50']:.3f} "
                     f"p99 {through_cells['p99']:.3f}; gained per chunk p50 {gained_cells['p50']:.3f} "
                     f"p95 {gained_cells['p95']:.3f} p99 {gained_cells['p99']:.3f}",
                     flush=True,
                 )
                 runs.append(
-                    {"target": proxy, "chunks": len(gained), "direct": direct_cells, "through": through_cells}
+                    {"target": proxy, "chunks": len(twins.gained), "direct": direct_cells, "through": through_cells}
                     | {"gained": gained_cells}
                 )
     print(f"\ndelay a chunk gains against its twin sent straight, {args.concurrency} streams at once (median of runs):")
@@ -611,7 +540,7 @@ async def _closed_loop(url: str, requests: int, concurrency: int) -> tuple[int, 
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    return failed, _percentile(seconds, 90) if seconds else 0.0
+    return failed, percentile(seconds, 90) if seconds else 0.0
 
 
 def _callgrind_total(path: Path) -> int:
@@ -720,7 +649,7 @@ def main() -> int:
     try:
         run = {"sweep": sweep, "stream": stream, "soak": soak, "instructions": instructions}[args.mode]
         report = run(args, scratch)
-    except BenchFailed as exc:
+    except LoadRunFailed as exc:
         print(f"bench: FAILED: {exc} (logs in {scratch})", file=sys.stderr)
         return 1
     report["command"] = " ".join(["python -m loadtests.bench", *sys.argv[1:]])

@@ -7,6 +7,8 @@ import os
 import secrets
 import socket
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,3 +92,23 @@ def scratch_database(admin_url: str | None, prefix: str) -> Iterator[str | None]
         yield urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
     finally:
         asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+class LoadRunFailed(Exception):
+    """A load run could not go on (a process that exited or never answered, a refused call)."""
+
+
+def wait_answering(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 90) -> None:
+    """Return once `url` answers (any HTTP status); LoadRunFailed if `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LoadRunFailed(f"{name} exited with code {process.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (loopback URL we built)
+                return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error status: it answers
+                return
+        time.sleep(0.2)
+    raise LoadRunFailed(f"{name} did not answer {url} within {timeout:.0f} s")

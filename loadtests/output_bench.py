@@ -23,34 +23,20 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Coroutine
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-import aiohttp
-
-from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database
+from loadtests.harness import ROOT, child_env, free_port, gateway_env, scratch_database, wait_answering
+from loadtests.stamped import Twins, percentile, twin_streams
 
 MODES = ("off", "block")
-
-
-def _wait(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"output_bench: {name} exited ({process.returncode}); see its log")
-        try:
-            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 (a loopback URL built here)
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"output_bench: {name} did not answer {url} within {timeout:.0f} s")
 
 
 def _start(stack: ExitStack, command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -70,68 +56,17 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-async def _one(session: aiohttp.ClientSession, url: str, group: str, chars: int) -> tuple[dict[int, float], float]:
-    """(ms each chunk took from its stamp to here, by index; ms from the request to the first text)."""
-    body = {
-        "model": "m",
-        "stream": True,
-        "messages": [{"role": "user", "content": "Tell me a story."}],
-        "bench_group": group,
-        "bench_members": 2,
-        "bench_text": chars,
-    }
-    delays: dict[int, float] = {}
-    first = float("nan")
-    started = time.monotonic_ns()
-    async with session.post(f"{url}/v1/chat/completions", json=body, headers={"X-User-ID": "bench"}) as response:
-        if response.status != 200:
-            raise SystemExit(f"output_bench: {url} answered {response.status}: {await response.text()}")
-        buffer = b""
-        async for data in response.content.iter_any():
-            now = time.monotonic_ns()
-            buffer += data
-            *events, buffer = buffer.split(b"\n\n")
-            for event in events:
-                payload = event.removeprefix(b"data: ")
-                if not payload.startswith(b"{"):
-                    continue
-                chunk = json.loads(payload)
-                if "sent_ns" in chunk:
-                    delays[chunk["index"]] = (now - chunk["sent_ns"]) / 1e6
-                    if first != first:  # the first chunk with text
-                        first = (now - started) / 1e6
-    return delays, first
-
-
-async def _twins(direct: str, through: str, args: argparse.Namespace, deadline: float) -> dict[str, list[float]]:
-    semaphore = asyncio.Semaphore(args.concurrency)
-    found: dict[str, list[float]] = {"direct": [], "through": [], "gained": [], "ttft_direct": [], "ttft_through": []}
-    run = secrets.token_hex(3)
-
-    async def pair(index: int) -> None:
-        async with semaphore:
-            if time.monotonic() > deadline:
-                return
-            group = f"{run}-{index}"
-            (one, one_first), (two, two_first) = await asyncio.gather(
-                _one(session, direct, group, args.chunk_chars), _one(session, through, group, args.chunk_chars)
-            )
-        for chunk, delay in one.items():
-            if chunk in two:
-                found["direct"].append(delay)
-                found["through"].append(two[chunk])
-                found["gained"].append(two[chunk] - delay)
-        found["ttft_direct"].append(one_first)
-        found["ttft_through"].append(two_first)
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        await asyncio.gather(*(pair(index) for index in range(args.streams)))
-    return found
-
-
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+def _twins(
+    direct: str, through: str, args: argparse.Namespace, deadline: float, streams: int = 0
+) -> Coroutine[Any, Any, Twins]:
+    return twin_streams(
+        direct,
+        through,
+        streams=streams or args.streams,
+        concurrency=args.concurrency,
+        text=args.chunk_chars,
+        deadline=deadline,
+    )
 
 
 def main() -> int:
@@ -155,7 +90,7 @@ def main() -> int:
         mock = [sys.executable, "-m", "gateway.fake_upstream", "--port", str(port), "--chunks", str(args.chunks)]
         mock += ["--chunk-delay-ms", str(args.chunk_ms)]
         upstream = f"http://127.0.0.1:{port}"
-        _wait(f"{upstream}/v1/models", _start(stack, mock, scratch / "mock.log", child_env()), "fake upstream")
+        wait_answering(f"{upstream}/v1/models", _start(stack, mock, scratch / "mock.log", child_env()), "fake upstream")
         database = stack.enter_context(scratch_database(os.environ.get("TEST_DATABASE_URL"), "output_bench"))
         gateways: dict[str, str] = {}
         for mode in MODES:
@@ -166,27 +101,27 @@ def main() -> int:
             env = gateway_env(gateway_port, f"{upstream}/v1", "bench", scratch / mode, database, **settings)
             process = _start(stack, [sys.executable, "-m", "gateway"], scratch / f"gateway-{mode}.log", env)
             gateways[mode] = f"http://127.0.0.1:{gateway_port}"
-            _wait(f"{gateways[mode]}/healthz", process, f"gateway ({mode})")
+            wait_answering(f"{gateways[mode]}/healthz", process, f"gateway ({mode})")
         for mode in MODES:  # warm-up
-            asyncio.run(_twins(upstream, gateways[mode], argparse.Namespace(**{**vars(args), "streams": 5}), deadline))
+            asyncio.run(_twins(upstream, gateways[mode], args, deadline, streams=5))
         for repeat in range(args.repeat):
             for mode in MODES if repeat % 2 == 0 else tuple(reversed(MODES)):
                 found = asyncio.run(_twins(upstream, gateways[mode], args, deadline))
-                ttft_added = [b - a for a, b in zip(found["ttft_direct"], found["ttft_through"], strict=True)]
+                ttft_added = [b - a for a, b in zip(found.first_straight, found.first_through, strict=True)]
                 cells = {
-                    "gained_p50": _p(found["gained"], 50),
-                    "gained_p99": _p(found["gained"], 99),
-                    "delay_ratio_p50": _p(found["through"], 50) / _p(found["direct"], 50),
-                    "delay_ratio_p99": _p(found["through"], 99) / _p(found["direct"], 99),
-                    "ttft_added_p50": _p(ttft_added, 50),
-                    "ttft_added_p99": _p(ttft_added, 99),
-                    "ttft_ratio_p50": _p(found["ttft_through"], 50) / _p(found["ttft_direct"], 50),
+                    "gained_p50": percentile(found.gained, 50),
+                    "gained_p99": percentile(found.gained, 99),
+                    "delay_ratio_p50": percentile(found.through, 50) / percentile(found.straight, 50),
+                    "delay_ratio_p99": percentile(found.through, 99) / percentile(found.straight, 99),
+                    "ttft_added_p50": percentile(ttft_added, 50),
+                    "ttft_added_p99": percentile(ttft_added, 99),
+                    "ttft_ratio_p50": percentile(found.first_through, 50) / percentile(found.first_straight, 50),
                 }
                 for key, value in cells.items():
                     summary[mode].setdefault(key, []).append(value)
-                runs.append({"mode": mode, "chunks": len(found["gained"]), **cells})
+                runs.append({"mode": mode, "chunks": len(found.gained), **cells})
                 print(
-                    f"run {repeat + 1} {mode:5s} {len(found['gained'])} chunk pairs: "
+                    f"run {repeat + 1} {mode:5s} {len(found.gained)} chunk pairs: "
                     f"gained p50 {cells['gained_p50']:.2f} "
                     f"p99 {cells['gained_p99']:.2f} ms (through/direct delay p50 x{cells['delay_ratio_p50']:.1f}, "
                     f"p99 x{cells['delay_ratio_p99']:.1f}); first token added p50 {cells['ttft_added_p50']:.2f} "
