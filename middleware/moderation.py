@@ -187,7 +187,8 @@ class ModerationMiddleware:
                     # block must not slip through after it.
                     known, block = store.cached_block(user_id)
                     if not known:
-                        await self._check_block(user_id)
+                        if await self._check_block(user_id) == "fail_open":  # the store went away meanwhile
+                            decision = "fail_open"
                     elif block is not None:
                         raise self._blocked(block)
                     if verdict is None:

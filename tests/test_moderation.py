@@ -687,6 +687,30 @@ async def test_a_block_made_while_the_call_was_judged_is_enforced(store: Store) 
 
 
 @dataclass
+class StoreStoppingDetector:
+    """Flags nothing; while it judges, the store's database goes away (a PostgreSQL restart)."""
+
+    store: Store
+    name: str = "stopping"
+    cost: int = 5
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        await self.store.database.close()
+        return None
+
+
+async def test_a_store_gone_while_the_call_was_judged_is_logged_and_counted_as_fail_open(store: Store) -> None:
+    inner = Inner()
+    app = middleware(inner, store, [StoreStoppingDetector(store)], store_failure="open")
+    before = metric("gateway_fail_open_total", check="store")
+    answer = await call(app, body=chat("hello"))
+    assert answer.status == 200
+    assert answer.state["decision"] == "fail_open"  # the access line agrees with the metric
+    assert metric("gateway_fail_open_total", check="store") == before + 1
+    assert len(inner.scopes) == 1
+
+
+@dataclass
 class RefusingDetector:
     """The moderation endpoint cannot use part of the input (an image URL it cannot fetch)."""
 
