@@ -21,7 +21,10 @@ _V1_ROUTES = frozenset(
         "uploads", "vector_stores", "videos",
     }
 )  # fmt: skip
-_ADMIN_ROUTES = frozenset({"users", "block", "unblock", "stats", "openapi.json"})
+_ADMIN_ROUTES = frozenset(
+    {"users", "block", "unblock", "stats", "policy", "appeals", "events", "operators", "console", "openapi.json"}
+)
+_GATEWAY_ROUTES = frozenset({"/gateway/standing", "/gateway/appeals"})  # a user's own: no ids below them
 
 
 class _Count:
@@ -66,7 +69,7 @@ def _route_label(path: str) -> str:
     if path.startswith("/admin/"):
         family = path[7:].split("/", 1)[0]
         return f"/admin/{family}" if family in _ADMIN_ROUTES else "/admin/other"
-    if path in ("/healthz", "/readyz", "/metrics"):
+    if path in ("/healthz", "/readyz", "/metrics") or path in _GATEWAY_ROUTES:
         return path
     return "other"
 
