@@ -237,9 +237,8 @@ def media_form(parts: list[FormPart]) -> UserInput:
 def files_form(parts: list[FormPart]) -> UserInput:
     """POST /files: a batch input file's requests are judged; files of other purposes carry no model
     input yet (a request that uses one names it unjudgeable)."""
-    purposes = {
-        part.data.decode("utf-8", "replace").strip().lower() for part in parts if part.name.lower() == "purpose"
-    }
+    # strictly, as every judged text: a purpose spelled in another charset may read "batch" upstream
+    purposes = {form_text(part).strip().lower() for part in parts if part.name.lower() == "purpose"}
     if "batch" not in purposes:
         return UserInput()
     if len(purposes) > 1:

@@ -251,6 +251,19 @@ def test_a_batch_purpose_in_a_form_reads_the_file() -> None:
     assert caught.value.param == "purpose"
 
 
+def test_a_purpose_an_upstream_could_decode_otherwise_is_refused() -> None:
+    line = b'{"custom_id":"1","method":"POST","url":"/v1/completions","body":{"prompt":"batched"}}\n'
+    batch_file = part("file", line, filename="b.jsonl")
+    # "batch" to an upstream honouring the charset; to a UTF-8 reading, not a purpose at all
+    utf16 = part("purpose", "batch".encode("utf-16"), "Content-Type: text/plain; charset=utf-16")
+    for purpose in (utf16, part("purpose", b"batch\xff")):
+        with pytest.raises(GatewayError) as caught:
+            files_form(read_form(form(purpose, batch_file), FORM))
+        assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_request", "purpose")
+    declared = part("purpose", "batch", "Content-Type: text/plain; charset=utf-8")
+    assert files_form(read_form(form(declared, batch_file), FORM)).texts == ("batched",)
+
+
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_any_bytes_are_read_or_refused_never_raised_otherwise(body: bytes) -> None:
