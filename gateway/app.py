@@ -102,6 +102,7 @@ class Gateway:
 def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector]:
     """The detectors named by GATEWAY_MODERATION; a bad rules file is a start-up error."""
     detectors: list[Detector] = []
+    poster = JsonPoster(lambda: upstream.session)  # the remote detectors share the upstream's session
     if "rules" in settings.moderation:
         try:
             detectors.append(RulesDetector(settings.rules_file))
@@ -111,7 +112,7 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
         key = settings.openai_api_key
         detectors.append(
             OpenAIDetector(
-                JsonPoster(lambda: upstream.session),
+                poster,
                 settings.moderation_base_url,
                 key.get_secret_value() if key else None,
                 settings.moderation_thresholds,
@@ -123,7 +124,7 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
         key = settings.guard_api_key
         detectors.append(
             GuardDetector(
-                JsonPoster(lambda: upstream.session),
+                poster,
                 settings.guard_url,
                 settings.guard_model,
                 key.get_secret_value() if key else None,
@@ -133,7 +134,7 @@ def build_detectors(settings: Settings, upstream: Upstream) -> Sequence[Detector
     if "azure" in settings.moderation and settings.azure_content_safety_url and settings.azure_content_safety_key:
         detectors.append(
             AzureDetector(
-                JsonPoster(lambda: upstream.session),
+                poster,
                 settings.azure_content_safety_url,
                 settings.azure_content_safety_key.get_secret_value(),
                 settings.azure_severity,

@@ -27,7 +27,7 @@ from gateway.headers import REQUEST_DROP, response_headers
 from gateway.settings import Settings
 from gateway.transport import Transport, open_transport
 from middleware.asgi import Message, Receive, Scope, Send
-from middleware.budgets import CallBudget, Wait
+from middleware.budgets import CallBudget
 from middleware.errors import GatewayError, sse_error_event
 from middleware.paths import invalid_path, path_problem
 
@@ -162,12 +162,9 @@ class Upstream:
                     call = Call(None, receive, task)
                 if self._circuit.open:
                     await self._circuit.check()
-                taken = self._calls.take(scope.get("client"))
-                if isinstance(taken, Wait):
-                    share = taken.share
+                share = self._calls.key(scope.get("client"))
+                if not self._calls.try_acquire(share):
                     await self._calls.acquire(share)
-                else:
-                    share = taken
                 holding = True
                 self._watchlist.add(call, loop)
                 started = time.perf_counter()

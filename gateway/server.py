@@ -173,7 +173,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _body_deadline(self, cycle: RequestResponseCycle) -> float:
         # After an early answer, its silence is that of an idle connection: the body may have ended.
         quiet = self.timeout_keep_alive if cycle.response_complete else self.body_idle_timeout
-        return min(self.loop.time() + quiet, self._body_due + self._body_bytes * self._seconds_per_byte)
+        return min(self.loop.time() + quiet, self._rate_deadline())
+
+    def _rate_deadline(self) -> float:
+        # when the bytes received so far are due at `body_min_rate`
+        return self._body_due + self._body_bytes * self._seconds_per_byte
 
     def _reading_resumed(self, paused: float) -> None:
         # The server held reading paused for `paused` seconds: the body gets them back.
@@ -253,7 +257,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._deadline.set_in(self.header_timeout)
 
     def _count_cut(self, cycle: RequestResponseCycle) -> None:
-        if self._deadline.reached(self._body_due + self._body_bytes * self._seconds_per_byte):
+        if self._deadline.reached(self._rate_deadline()):
             reason = "body_rate"
         elif cycle.response_complete:
             return  # answered, and quiet for the keep-alive: an idle connection, not a slow client

@@ -22,15 +22,6 @@ _UNKNOWN = object()
 _KEYS_CACHED = 4096
 
 
-class Wait:
-    """`CallBudget.take`'s answer when every slot is taken: `acquire(share)` waits for one."""
-
-    __slots__ = ("share",)
-
-    def __init__(self, share: str | None) -> None:
-        self.share = share
-
-
 def server_busy(what: str, retry_after: int = 1) -> GatewayError:
     return GatewayError(
         503,
@@ -61,10 +52,10 @@ class ByteBudget:
 class CallBudget:
     """At most `limit` calls upstream at once, and at most `per_client` of them from one address.
 
-    `take(client)` takes a slot for a call from `client` (the ASGI scope's) when one is free at
-    once, the common case, without a coroutine, and gives the share to `release` afterwards;
-    when the total is spent it returns `WAIT`, and `acquire(share)` waits up to `wait` seconds
-    for a slot (first come, first served), then raises 503. A client address past its share
+    A call from `client` (the ASGI scope's) counts against the share `key(client)`;
+    `try_acquire(share)` takes a slot when one is free at once, the common case, without a
+    coroutine; else `acquire(share)` waits up to `wait` seconds for one (first come, first
+    served), then raises 503. `release(share)` gives it back. A client address past its share
     gets 503 at once, so one address cannot hold every upstream connection. Addresses `exempt`
     says yes to (trusted proxies, which speak for many clients) have no share of their own.
     `per_client` 0: no per-address cap.
@@ -81,13 +72,6 @@ class CallBudget:
         self._keys: dict[object, str | None] = {}  # client address -> its share's key (None: exempt)
         self._by_client: dict[str, int] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def take(self, client: tuple[str, int] | list[object] | None) -> str | Wait | None:
-        """A slot for a call from `client` if one is free now: the share to release, or `WAIT`."""
-        share = self.key(client) if self._per_client and client else None
-        if self.try_acquire(share):
-            return share
-        return Wait(share)
 
     def key(self, client: tuple[str, int] | list[object] | None) -> str | None:
         """The share a call from `client` (the ASGI scope's) counts against; None: no share of its own."""

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import structlog
 
 from middleware.access import KeyReach
-from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from middleware.asgi import ASGIApp, Message, Receive, Scope, Send, route_path
 from middleware.bodies import Disconnected, add_member, json_object, read_body, read_once, replaying
 from middleware.budgets import ByteBudget
 from middleware.cascade import make_cascade
@@ -103,7 +103,7 @@ class ModerationMiddleware:
         # A plain function handing back one awaitable: each coroutine layer costs every request.
         if scope["type"] != "http":
             return self.app(scope, receive, send)
-        path = _app_path(scope)
+        path = route_path(scope)
         if not path.startswith(self.prefix):
             return self.app(scope, receive, send)
         state = scope.get("state")
@@ -118,20 +118,19 @@ class ModerationMiddleware:
                 self._check_path(raw_path, scope)
             user_id, headers = request_user(scope, note, self.user_header_key, self.user_header, self.users_per_app)
             cut = self._prefix_length
-            route_path = path[cut:] if cut else path
+            relative = path[cut:] if cut else path
             if self.key_reach is not None:
-                refusal = self.key_reach.refusal(route_path, headers)
+                refusal = self.key_reach.refusal(relative, headers)
                 if refusal is not None:
                     raise Refused("route_not_allowed", refusal)
-            store = self.store
-            known, block = store.cached_block(user_id)
+            known, block = self.store.cached_block(user_id)
             if not known:
                 decision = await self._check_block(user_id)
             elif block is not None:
                 raise self._blocked(block)
             else:
                 decision = "allow"
-            route = match(scope["method"], route_path)
+            route = match(scope["method"], relative)
             if route is None:
                 note["decision"] = decision
                 await self.app(scope, receive, send)
@@ -149,12 +148,12 @@ class ModerationMiddleware:
             try:
                 offload = len(body) > _OFFLOAD_BYTES
                 if offload:
-                    request, user_input = await asyncio.to_thread(route.read, body, headers)
-                elif reading == "json" and route.json is not None:
+                    request, user_input = await asyncio.to_thread(route.read, body, headers, reading)
+                elif reading == "json" and route.json is not None:  # the common case, without a call
                     request = json_object(headers.get(b"content-encoding"), body)
                     user_input = route.json(request)
                 else:
-                    request, user_input = route.read(body, headers)
+                    request, user_input = route.read(body, headers, reading)
                 if self.refuse_unjudgeable and user_input.unjudgeable:
                     # before the detectors: what they cannot read is no violation, and earns no strike
                     raise Refused("unjudgeable", unjudgeable_error(user_input))
@@ -185,12 +184,8 @@ class ModerationMiddleware:
                         decision = "fail_open"
                     # Checked again now that the body is in and judged: a call opened before a
                     # block must not slip through after it.
-                    known, block = store.cached_block(user_id)
-                    if not known:
-                        if await self._check_block(user_id) == "fail_open":  # the store went away meanwhile
-                            decision = "fail_open"
-                    elif block is not None:
-                        raise self._blocked(block)
+                    if not self._cached_clear(user_id) and await self._check_block(user_id) == "fail_open":
+                        decision = "fail_open"  # the store went away meanwhile
                     if verdict is None:
                         note["decision"] = decision
                 except BaseException:
@@ -262,6 +257,13 @@ class ModerationMiddleware:
         if len(self._plain_paths) < _PATHS_CACHED:  # paths are the client's choice: keep only so many
             self._plain_paths.add(raw)
 
+    def _cached_clear(self, user_id: str) -> bool:
+        """True when the cache knows the user is not blocked; refuses one it knows blocked; False: ask the store."""
+        known, block = self.store.cached_block(user_id)
+        if block is not None:
+            raise self._blocked(block)
+        return known
+
     async def _check_block(self, user_id: str) -> str:
         """The decision so far ("allow" or "fail_open"), asking the store; refuses a blocked user."""
         try:
@@ -313,15 +315,6 @@ class ModerationMiddleware:
         except StoreUnavailable as exc:
             # shadow mode must never cost a call: the metric and the log line above still count it
             log.warning("shadow_violation_not_recorded", user_id=user_id, error=str(exc))
-
-
-def _app_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    # ASGI puts root_path inside path; the prefix is relative to the app
-    if root and path.startswith(root):
-        return path[len(root) :]
-    return path
 
 
 def _audit_path(scope: Scope, path: str) -> str:

@@ -62,13 +62,16 @@ class Route:
             raise malformed(UNCOMPRESSED)
         return reading
 
-    def read(self, body: bytes, headers: Mapping[bytes, bytes]) -> tuple[dict[str, Any] | None, UserInput]:
-        """This call's body parsed (a JSON object; None for a form) and the user's input in it.
+    def read(
+        self, body: bytes, headers: Mapping[bytes, bytes], reading: Literal["json", "multipart"]
+    ) -> tuple[dict[str, Any] | None, UserInput]:
+        """This call's body parsed (a JSON object; None for a form) and the user's input in it,
+        read as `reading(headers)` said (which refuses a form-only route's body sent as anything else).
 
         Raises GatewayError (400) for a body it cannot read one way only: invalid_json for JSON,
         invalid_request for a form.
         """
-        if self.reading(headers) == "multipart":  # so a form-only route's body is never read as JSON
+        if reading == "multipart":
             return None, self.extract_form(body, headers[b"content-type"])
         request = json_object(headers.get(b"content-encoding"), body)
         return request, self.extract(request)

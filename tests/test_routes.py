@@ -188,8 +188,14 @@ def test_a_route_reads_a_body_by_its_headers_and_refuses_what_it_cannot_read() -
     assert files is not None
     request = httpx2.Request("POST", "http://gateway/", data={"prompt": "a hat"}, files={"image": ("a", b"x", "b")})
     form = {b"content-type": request.headers["content-type"].encode()}
-    assert edits.read(request.read(), form) == (None, UserInput(texts=("a hat",), unjudgeable=("image",)))
-    assert edits.read(b'{"prompt": "a hat"}', {}) == ({"prompt": "a hat"}, UserInput(texts=("a hat",)))
+    assert edits.read(request.read(), form, edits.reading(form)) == (
+        None,
+        UserInput(texts=("a hat",), unjudgeable=("image",)),
+    )
+    assert edits.read(b'{"prompt": "a hat"}', {}, edits.reading({})) == (
+        {"prompt": "a hat"},
+        UserInput(texts=("a hat",)),
+    )
     refusals = [
         (edits, {**form, b"content-encoding": b"gzip"}, "invalid_request"),  # before a byte is held
         (edits, {b"content-encoding": b"br"}, "invalid_json"),
@@ -198,7 +204,7 @@ def test_a_route_reads_a_body_by_its_headers_and_refuses_what_it_cannot_read() -
     ]
     for route, headers, code in refusals:
         with pytest.raises(GatewayError) as refused:
-            route.read(b'{"purpose": "batch"}', headers)
+            route.read(b'{"purpose": "batch"}', headers, route.reading(headers))
         assert (refused.value.status, refused.value.code) == (400, code)
     with pytest.raises(GatewayError, match="uncompressed"):
         edits.reading({**form, b"content-encoding": b"gzip"})
