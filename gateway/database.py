@@ -88,20 +88,32 @@ def _migrations() -> list[tuple[int, str, str]]:
     return [found[version] for version in sorted(found)]
 
 
+async def connect(
+    dsn: str, *, statement_cache: bool, command_timeout: float | None = None
+) -> asyncpg.Connection[asyncpg.Record]:
+    """One connection outside the pool; one that cannot be made raises StoreUnavailable.
+
+    `statement_cache=False` behind PgBouncer in transaction mode: a named prepared statement
+    stays on the server connection for another client's to collide with.
+    """
+    try:
+        return await asyncpg.connect(
+            dsn,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=command_timeout,
+            statement_cache_size=100 if statement_cache else 0,
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
+
+
 async def migrate(dsn: str, *, statement_cache: bool = True) -> list[int]:
     """Apply the pending migrations of gateway/migrations; return the versions applied now.
 
     Each migration runs in its own transaction under an advisory lock, so replicas starting at
-    once apply each one exactly once. `statement_cache=False` behind PgBouncer in transaction
-    mode: a named prepared statement stays on the server connection for another replica's to
-    collide with.
+    once apply each one exactly once. `statement_cache` as for connect().
     """
-    try:
-        conn = await asyncpg.connect(
-            dsn, timeout=CONNECT_TIMEOUT, command_timeout=60, statement_cache_size=100 if statement_cache else 0
-        )
-    except UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
+    conn = await connect(dsn, statement_cache=statement_cache, command_timeout=60)
     applied: list[int] = []
     try:
         for version, name, sql in _migrations():

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from gateway.database import CONNECT_TIMEOUT, Database, is_unavailable, redact
+from gateway.database import Database, connect
 from gateway.policy import Judgement, Policy, PolicyError, load_policy
 from gateway.settings import Settings, SettingsError, load_settings
 from middleware.protocols import StoreUnavailable
@@ -155,12 +155,7 @@ async def _audit_trail(settings: Settings) -> AsyncIterator[Connection]:
     """A connection to the gateway's database; never migrates an external one."""
     if settings.database_url is not None:
         dsn = settings.database_url.get_secret_value()
-        try:
-            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
+        conn = await connect(dsn, statement_cache=settings.db_statement_cache)
         try:
             yield conn
         finally:

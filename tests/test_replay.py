@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 
 from gateway.policy import PERMANENT, CategoryRule, Policy
-from gateway.replay import Counts, replay
+from gateway.replay import Counts, _audit_trail, replay
 from gateway.settings import Settings
 from loadtests.harness import free_port
 from tests.test_ladder import POLICY, flagged, policy_store
@@ -118,6 +118,18 @@ async def test_replay_runs_the_stores_rules(settings_factory: SettingsFactory, d
     assert done is not None
     assert result.current == result.proposed == Counts(done["warned"], done["blocked"], done["permanent"])
     assert result.current == Counts(warned=3, blocked=2, permanent=1)
+
+
+async def test_replay_connects_with_the_statement_cache_setting(settings_factory: SettingsFactory) -> None:
+    """Behind PgBouncer in transaction mode (statement cache off) a named prepared statement left
+    on the server connection is there for another client to collide with: replay leaves none."""
+    prepared: dict[bool, int] = {}
+    for cache in (True, False):
+        async with _audit_trail(settings_factory(db_statement_cache=cache)) as conn:
+            await replay(conn, CURRENT, PROPOSED, 30)
+            prepared[cache] = await conn.fetchval("SELECT count(*) FROM pg_prepared_statements")
+    assert prepared[True] > 0  # what the statement cache does: this test can tell
+    assert prepared[False] == 0
 
 
 def test_the_replay_command(tmp_path: Path, database_url: str) -> None:
