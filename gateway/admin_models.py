@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.appeals import ID
+from gateway.appeals import ID, decode_appeal_cursor
 from gateway.events import MAX_NOTE
 from gateway.operators import BUILTIN, MAX_NAME, NAME_RULE, Role, name_problem
 from gateway.store import MAX_BLOCK_SECONDS, MAX_PAGE, decode_cursor
@@ -223,11 +223,9 @@ class EventParams(_Strict):
 
 def _appeal_cursor(value: str) -> str:
     try:
-        decoded = decode_cursor(value)
+        decode_appeal_cursor(value)
     except ValueError:
-        decoded = None
-    if decoded is None or (decoded and not ID.fullmatch(decoded)):
-        raise _refused("after must be the next cursor of a previous page of appeals.")
+        raise _refused("after must be the next cursor of a previous page of appeals.") from None
     return value
 
 

@@ -15,20 +15,17 @@ from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from gateway import blocks
-from gateway.events import EVENT_COLUMNS, event_json, iso
+from gateway.database import Connection
+from gateway.events import CONTESTED_KINDS, EVENT_COLUMNS, event_json, iso
 from gateway.policy import Policy
 from gateway.users import MAX_PAGE, decode_cursor, encode_cursor
 from middleware.errors import GatewayError
 
-type Connection = PoolConnectionProxy[asyncpg.Record]
 Status = Literal["open", "accepted", "rejected"]
 
 MAX_MESSAGE = 2000
-# What a user may appeal: what was held against them. Shadow violations were not.
-APPEALABLE_KINDS = ("violation", "warning", "output_violation", "block")
 # Event and appeal ids as the API takes them: a bigserial, in digits.
 ID = re.compile(r"[0-9]{1,18}")
 
@@ -113,7 +110,7 @@ async def file(conn: Connection, policy: Policy, user_id: str, event_id: int, me
     blocks, 409 `appeal_exists`, 409 `event_reversed`, 400 `appeal_window_closed`.
     """
     event = await conn.fetchrow(_EVENT, event_id, user_id, policy.appeal_window_days * 86400)
-    if event is None or event["kind"] not in APPEALABLE_KINDS or event["shadow"]:
+    if event is None or event["kind"] not in CONTESTED_KINDS or event["shadow"]:
         raise GatewayError(
             404,
             "event_not_found",
@@ -154,6 +151,14 @@ async def one(conn: Connection, appeal_id: int) -> Appeal | None:
     return (await _with_events(conn, [row]))[0]
 
 
+def decode_appeal_cursor(after: str) -> int:
+    """The appeal id a page's `next` cursor stands for (0 for the empty cursor); ValueError if it is not one."""
+    decoded = decode_cursor(after)
+    if decoded and not ID.fullmatch(decoded):
+        raise ValueError(f"not a valid cursor: {after!r}")
+    return int(decoded or 0)
+
+
 async def page(conn: Connection, status: Status, *, limit: int, after: str | None) -> tuple[list[Appeal], str | None]:
     """A page of the appeals in `status`, oldest first, and the cursor of the next (None: last page).
 
@@ -162,12 +167,7 @@ async def page(conn: Connection, status: Status, *, limit: int, after: str | Non
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     limit = min(limit, MAX_PAGE)
-    start = 0
-    if after is not None:
-        decoded = decode_cursor(after)
-        if decoded and not ID.fullmatch(decoded):
-            raise ValueError(f"not a valid cursor: {after!r}")
-        start = int(decoded or 0)
+    start = 0 if after is None else decode_appeal_cursor(after)
     rows = await conn.fetch(_PAGE, status, start, limit + 1)
     found = await _with_events(conn, rows[:limit])
     return found, encode_cursor(str(found[-1].id)) if len(rows) > limit else None

@@ -12,10 +12,10 @@ from typing import Literal
 
 import asyncpg
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
 from gateway import webhooks
 from gateway.blockcache import CHANNEL, block_from
+from gateway.database import Connection
 from gateway.events import iso
 from gateway.metrics import BLOCK_EVENTS
 from gateway.policy import Policy
@@ -24,7 +24,6 @@ from middleware.protocols import Block
 
 log = structlog.get_logger(__name__)
 
-type Connection = PoolConnectionProxy[asyncpg.Record]
 Actor = Literal["policy", "admin", "expiry"]
 
 # A block ($9 seconds; NULL: permanent) and its audit event, which holds the points that count,

@@ -4,21 +4,19 @@ A user's standing and appeals; a moderator's decisions, reversals and notes; era
 retention. Each change is one transaction under the user's row lock, as a strike is: the SQL
 and the rules live in gateway/appeals.py, reversal.py, lifecycle.py, users.py and events.py;
 this class holds the transactions, and what follows their commit (the block cache, metrics,
-logs). `Store` (gateway/store.py) is built on it and provides the connections and the lock.
+logs). `Store` (gateway/store.py) is built on it and provides the database (`_db`) and the lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
 from gateway import appeals, events, lifecycle, reversal, users
 from gateway.appeals import Appeal
+from gateway.database import Connection, Database
 from gateway.metrics import APPEAL_DECISION_SECONDS, APPEALS_DECIDED, APPEALS_OPENED
 from gateway.policy import Policy
 from gateway.users import STATUS, UserStatus, status_from
@@ -26,21 +24,14 @@ from middleware.protocols import Block
 
 log = structlog.get_logger("gateway.store")
 
-type Connection = PoolConnectionProxy[asyncpg.Record]
-
 
 class Casework:
     """Standing, appeals, reversal, notes, erasure and retention; `Store` supplies the rest."""
 
+    _db: Database
     policy: Policy
 
     # -- what the Store supplies --------------------------------------------------------------------
-
-    def _connection(self) -> AbstractAsyncContextManager[Connection]:
-        raise NotImplementedError
-
-    async def _read[T](self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        raise NotImplementedError
 
     async def _lock(self, conn: Connection, user_id: str) -> asyncpg.Record | None:
         raise NotImplementedError
@@ -59,11 +50,11 @@ class Casework:
                 found["appeals"] = [appeal.to_json() for appeal in await appeals.of_user(conn, user_id)]
                 return found
 
-        return await self._read(work)
+        return await self._db.read(work)
 
     async def file_appeal(self, user_id: str, event_id: int, message: str) -> Appeal:
         """The user's appeal of one of their violations or blocks; raises GatewayError (gateway/appeals.py)."""
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             await self._lock(conn, user_id)
             appeal = await appeals.file(conn, self.policy, user_id, event_id, message)
         APPEALS_OPENED.inc()
@@ -73,20 +64,20 @@ class Casework:
     # -- the moderator's ------------------------------------------------------------------------------
 
     async def appeal(self, appeal_id: int) -> Appeal | None:
-        return await self._read(lambda conn: appeals.one(conn, appeal_id))
+        return await self._db.read(lambda conn: appeals.one(conn, appeal_id))
 
     async def list_appeals(
         self, status: appeals.Status = "open", *, limit: int = 100, after: str | None = None
     ) -> tuple[list[Appeal], str | None]:
         """A page of appeals in `status`, oldest first, and the next page's cursor."""
-        return await self._read(lambda conn: appeals.page(conn, status, limit=limit, after=after))
+        return await self._db.read(lambda conn: appeals.page(conn, status, limit=limit, after=after))
 
     async def decide_appeal(self, appeal_id: int, *, accept: bool, reason: str, operator: str = "admin") -> Appeal:
         """Accept (reversing the event and what it caused) or reject an open appeal, in one transaction.
 
         Raises GatewayError 404 `appeal_not_found`, 409 `appeal_decided`.
         """
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             user_id = await appeals.owner(conn, appeal_id)
             state = None if user_id is None else await self._lock(conn, user_id)
             appeal = None if state is None else await appeals.lock(conn, appeal_id)
@@ -127,7 +118,7 @@ class Casework:
 
         Idempotent; raises GatewayError 404 `event_not_found`.
         """
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             user_id = await reversal.owner(conn, event_id)
             state = None if user_id is None else await self._lock(conn, user_id)
             if user_id is None or state is None:
@@ -153,14 +144,14 @@ class Casework:
 
     async def add_note(self, user_id: str, operator: str, text: str) -> dict[str, Any] | None:
         """A moderator's note on the user's timeline (an event of type `note`); None if the user is unknown."""
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             return await events.add_note(conn, user_id, operator, text)
 
     # -- the data's lifecycle -------------------------------------------------------------------------
 
     async def erase_user(self, user_id: str, *, operator: str = "admin") -> bool:
         """Erase the user's state, events and appeals, keeping one `erased` event; False if unknown."""
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             erased = await lifecycle.erase(conn, user_id, operator=operator)
         if erased:
             self._learned(user_id, None)
@@ -175,7 +166,7 @@ class Casework:
         days = self.policy.retention_days
         position = lifecycle.START
         while days > 0:
-            async with self._connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 batch, position = await lifecycle.delete_old_events(
                     conn, days=days, window=self.policy.window, after=position
                 )
@@ -183,7 +174,7 @@ class Casework:
             if batch < lifecycle.BATCH:
                 break
         while True:
-            async with self._connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 batch = await lifecycle.delete_delivered(conn)
             if batch < lifecycle.BATCH:
                 return deleted

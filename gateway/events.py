@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from gateway.database import Connection
 from middleware.protocols import Violation
 
-type Connection = PoolConnectionProxy[asyncpg.Record]
-
 VIOLATION_KINDS = ("violation", "warning", "output_violation")
+# What a user may appeal and a moderator may reverse: what was held against them (not shadow rows).
+CONTESTED_KINDS = (*VIOLATION_KINDS, "block")
 STATE_KINDS = ("block", "unblock")
 DECISION_KINDS = ("reversed", "appeal_accepted", "appeal_rejected")
 MAX_NOTE = 4000
@@ -175,7 +175,7 @@ def event_json(row: asyncpg.Record) -> dict[str, Any]:
         )
     if kind == "block":
         event.update(categories=list(row["categories"]), points=row["points"])
-    if kind in (*VIOLATION_KINDS, "block"):
+    if kind in CONTESTED_KINDS:
         event.update(
             reversed_at=iso(row["reversed_at"]), reversed_by=row["reversed_by"], reverse_reason=row["reverse_reason"]
         )

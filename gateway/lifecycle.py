@@ -18,13 +18,9 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-
 from gateway import blocks
+from gateway.database import Connection
 from gateway.users import counting
-
-type Connection = PoolConnectionProxy[asyncpg.Record]
 
 BATCH = 500
 OUTBOX_KEPT_DAYS = 7

@@ -22,18 +22,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from gateway import blocks, webhooks
 from gateway.appeals import Appeal
-from gateway.events import iso
+from gateway.database import Connection
+from gateway.events import CONTESTED_KINDS, iso
 from gateway.policy import Policy
 from middleware.errors import GatewayError
 
-type Connection = PoolConnectionProxy[asyncpg.Record]
 Decision = Literal["reversed", "appeal_accepted", "appeal_rejected"]
-
-REVERSIBLE_KINDS = ("violation", "warning", "output_violation", "block")
 
 _TARGET = """
 SELECT kind, shadow, reversed_at IS NOT NULL AS reversed, block_number
@@ -89,7 +86,7 @@ async def reverse(
     warnings or blocks (not a shadow violation).
     """
     target = await conn.fetchrow(_TARGET, event_id, user_id)
-    if target is None or target["kind"] not in REVERSIBLE_KINDS or target["shadow"]:
+    if target is None or target["kind"] not in CONTESTED_KINDS or target["shadow"]:
         raise event_not_found(event_id)
     if target["reversed"]:
         return Reversal((), lifted=False)

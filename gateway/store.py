@@ -15,19 +15,16 @@ gateway/users.py and gateway/events.py.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any, Literal
 
 import asyncpg
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 
 from gateway import blocks, events
 from gateway.blockcache import BLOCK_COLUMNS, BLOCK_EVENT, CHANNEL, BlockCache, block_from
 from gateway.casework import Casework
-from gateway.database import Database
+from gateway.database import Connection, Database
 from gateway.events import iso
 from gateway.metrics import BLOCK_CHECKS, WARNINGS
 from gateway.policy import MAX_SECONDS
@@ -40,7 +37,6 @@ from middleware.protocols import Block, StrikeOutcome, Violation
 
 log = structlog.get_logger(__name__)
 
-type Connection = PoolConnectionProxy[asyncpg.Record]
 ViolationKind = Literal["violation", "output_violation"]
 
 NOTIFY_CHANNEL = CHANNEL
@@ -118,13 +114,6 @@ class Store(Casework):
         """The database the store is kept in (the admin API's operators live there too)."""
         return self._db
 
-    def _connection(self) -> AbstractAsyncContextManager[Connection]:
-        return self._db.connection()
-
-    async def _read[T](self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run an idempotent read; a connection found dead (a PostgreSQL restart) is retried once."""
-        return await self._db.read(work)
-
     # -- the StrikeStore protocol --------------------------------------------------------------
 
     def cached_block(self, user_id: str) -> tuple[bool, Block | None]:
@@ -146,7 +135,7 @@ class Store(Casework):
             row = await conn.fetchrow(_CURRENT_BLOCK, user_id)
             return None if row is None else block_from(row, self.policy)
 
-        return await self._read(work)
+        return await self._db.read(work)
 
     def _learned(self, user_id: str, block: Block | None) -> None:
         if self.cache is not None:
@@ -158,31 +147,25 @@ class Store(Casework):
     async def record_output_violation(self, user_id: str, violation: Violation, *, counts: bool) -> StrikeOutcome:
         if counts:
             return await self._record(user_id, violation, "output_violation")
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             await conn.execute(_ENSURE_USER, user_id)
-            event = await events.insert_violation(conn, user_id, violation, "output_violation", counted=False)
-            row = await conn.fetchrow(_STANDING, self.policy.window, user_id)
-        assert row is not None
-        return self._outcome(violation, event, strikes=row["strikes"], block=self._block_of(row))
+            return await self._uncounted(conn, user_id, violation, "output_violation")
 
     async def record_shadow_violation(self, user_id: str, violation: Violation) -> None:
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             await conn.execute(_ENSURE_USER, user_id)
             await events.insert_violation(conn, user_id, violation, "violation", counted=False, shadow=True)
 
     async def _record(self, user_id: str, violation: Violation, kind: ViolationKind) -> StrikeOutcome:
         policy = self.policy
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             state = await conn.fetchrow(_LOCK_OR_CREATE, user_id)
             assert state is not None
             if state["expired"]:
                 await blocks.expire(conn, self.policy, user_id, state)
             elif state["blocked"]:
                 # A call that passed the block check just before the block: recorded, no points.
-                event = await events.insert_violation(conn, user_id, violation, kind, counted=False)
-                row = await conn.fetchrow(_STANDING, policy.window, user_id)
-                assert row is not None
-                return self._outcome(violation, event, strikes=row["strikes"], block=self._block_of(row))
+                return await self._uncounted(conn, user_id, violation, kind)
             judgement = policy.judge(violation.verdict.categories)
             limit = 0 if judgement.zero_tolerance else policy.warnings
             tally = await conn.fetchrow(_TALLY, policy.window, user_id, limit)
@@ -221,6 +204,15 @@ class Store(Casework):
         )
         return dataclasses.replace(outcome, block=block)
 
+    async def _uncounted(
+        self, conn: Connection, user_id: str, violation: Violation, kind: ViolationKind
+    ) -> StrikeOutcome:
+        """Record a violation that earns no points; the outcome shows the user's standing as it is."""
+        event = await events.insert_violation(conn, user_id, violation, kind, counted=False)
+        row = await conn.fetchrow(_STANDING, self.policy.window, user_id)
+        assert row is not None
+        return self._outcome(violation, event, strikes=row["strikes"], block=self._block_of(row))
+
     def _outcome(
         self,
         violation: Violation,
@@ -254,7 +246,7 @@ class Store(Casework):
         async def work(conn: Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(STATUS, self.policy.window, user_id)
 
-        row = await self._read(work)
+        row = await self._db.read(work)
         if row is not None and row["expired"]:
             await self._expire_one(user_id)
         return None if row is None else status_from(row, self.policy)
@@ -275,7 +267,7 @@ class Store(Casework):
             duration = self.policy.block_duration(1) if seconds is None else seconds
             if duration is not None and not (0 < duration <= MAX_BLOCK_SECONDS):
                 raise ValueError(f"block seconds must be positive, at most {MAX_BLOCK_SECONDS:.0f}; got {seconds!r}")
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             state = await conn.fetchrow(_LOCK_OR_CREATE, user_id)
             assert state is not None
             if state["expired"]:
@@ -291,7 +283,7 @@ class Store(Casework):
 
     async def unblock(self, user_id: str, *, reason: str | None = None, operator: str = "admin") -> UserStatus | None:
         """Lift the block and reset strikes (idempotent); None if the user is unknown."""
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             state = await self._lock(conn, user_id)
             if state is None:
                 return None
@@ -311,7 +303,7 @@ class Store(Casework):
         async def work(conn: Connection) -> tuple[list[UserStatus], str | None]:
             return await list_users(conn, self.policy, blocked=blocked, limit=limit, after=after, prefix=prefix)
 
-        return await self._read(work)
+        return await self._db.read(work)
 
     async def events(self, user_id: str, *, limit: int = 100) -> list[dict[str, Any]] | None:
         """The user's audit trail, newest first; None if the user is unknown."""
@@ -324,22 +316,22 @@ class Store(Casework):
                 return False, None
             return expired, await events.user_events(conn, user_id, min(limit, MAX_PAGE))
 
-        expired, found = await self._read(work)
+        expired, found = await self._db.read(work)
         if expired:
             # Record the expiry first, so the trail shows it.
             await self._expire_one(user_id)
-            expired, found = await self._read(work)
+            expired, found = await self._db.read(work)
         return found
 
     async def stats(self) -> dict[str, Any]:
         """The admin API's 24-hour statistics (gateway/events.py)."""
-        return await self._read(events.stats)
+        return await self._db.read(events.stats)
 
     async def expire_blocks(self) -> int:
         """Record the `expiry` unblock of every block that ran out; the number recorded."""
         total = 0
         while True:
-            async with self._connection() as conn, conn.transaction():
+            async with self._db.connection() as conn, conn.transaction():
                 rows = await conn.fetch(_EXPIRED)
                 for row in rows:
                     await blocks.expire(conn, self.policy, row["user_id"], row)
@@ -353,7 +345,7 @@ class Store(Casework):
         async def work(conn: Connection) -> None:
             await conn.fetchval("SELECT 1")
 
-        await self._read(work)
+        await self._db.read(work)
 
     # -- inside a transaction holding the user's row lock ----------------------------------------
 
@@ -366,5 +358,5 @@ class Store(Casework):
         return state
 
     async def _expire_one(self, user_id: str) -> None:
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             await self._lock(conn, user_id)

@@ -14,13 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from gateway.database import Connection
 from gateway.events import iso
 from gateway.policy import Policy
 from middleware.users import user_id_problem
-
-type Connection = PoolConnectionProxy[asyncpg.Record]
 
 MAX_PAGE = 1000
 

@@ -18,13 +18,11 @@ from itertools import groupby
 from typing import Any
 
 import aiohttp
-import asyncpg
 import structlog
-from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import Counter, Gauge
 from pydantic import SecretStr
 
-from gateway.database import Database
+from gateway.database import Connection, Database
 
 log = structlog.get_logger("gateway.webhooks")
 
@@ -100,7 +98,7 @@ class _Retry:
     error: str | None  # None: held back, not attempted
 
 
-async def enqueue(conn: PoolConnectionProxy[asyncpg.Record], event_id: int, payload: dict[str, Any]) -> None:
+async def enqueue(conn: Connection, event_id: int, payload: dict[str, Any]) -> None:
     """Queue `payload` for delivery, inside the caller's transaction of the change it announces."""
     await conn.execute(_ENQUEUE, event_id, payload)
 
