@@ -2,7 +2,8 @@
 
 Judged: each chat choice's `message.content`, each completion choice's `text`, a response's
 `output_text` parts (all of them together: they are one answer). Flagged, a chat choice's
-content becomes null and a completion's text "", each with `finish_reason: "content_filter"`;
+content becomes null and a completion's text "", each with `finish_reason: "content_filter"`
+and `logprobs: null`;
 a response becomes `status: "incomplete"`, `incomplete_details.reason: "content_filter"`,
 without its message items (tool calls and reasoning items stay).
 """
@@ -53,7 +54,8 @@ def filtered(kind: Kind, document: dict[str, Any], flagged: set[int]) -> dict[st
     rewritten = []
     for position, choice in enumerate(choices):
         if isinstance(choice, dict) and _index(choice, position) in flagged:
-            choice = {**choice, "finish_reason": "content_filter"}
+            # logprobs hold every token of the text
+            choice = {**choice, "finish_reason": "content_filter", "logprobs": None}
             if kind == "chat" and isinstance(choice.get("message"), dict):
                 choice["message"] = {**choice["message"], "content": None}
             elif kind == "completions":

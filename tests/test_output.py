@@ -21,6 +21,7 @@ from gateway.settings import SettingsError, load_settings
 from middleware.budgets import ByteBudget
 from middleware.output import OutputModeration
 from middleware.output_judge import OutputJudge
+from middleware.protocols import UserInput, Verdict
 from tests.conftest import SettingsFactory
 from tests.judging import ADMIN, USER
 from tests.servers import run_app
@@ -425,3 +426,46 @@ async def test_answers_held_count_against_the_byte_budget() -> None:
     assert sent[0]["status"] == 200
     assert sent[1]["body"] == body
     assert budget.used == 0
+
+
+class _Flags:
+    """A detector flagging any text that names a bomb."""
+
+    name = "test"
+    cost = 0
+
+    async def check(self, user_input: UserInput, authorization: str | None) -> Verdict | None:
+        found = any("bomb" in text for text in user_input.texts)
+        return Verdict(detector="test", categories=("bad",), text_sha256="0" * 64) if found else None
+
+
+async def _answer(layer: OutputModeration, path: str = "/v1/chat/completions") -> list[Any]:
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "/v1", "headers": []}
+    await layer(scope, None, send)  # type: ignore[arg-type]
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+async def test_a_flagged_choice_loses_its_logprobs(kind: str) -> None:
+    # the logprobs hold every token of the text: left in, the blocked text would still reach the client
+    tokens = [{"token": word, "logprob": -0.1, "bytes": None, "top_logprobs": []} for word in FLAGGED.split()]
+    if kind == "chat":
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": FLAGGED}}
+        choice["logprobs"] = {"content": tokens, "refusal": None}
+    else:
+        choice = {"index": 0, "text": FLAGGED, "logprobs": {"tokens": FLAGGED.split(), "token_logprobs": []}}
+    body = orjson.dumps({"choices": [choice | {"finish_reason": "stop"}]})
+    judge = OutputJudge([_Flags()], "closed", None, mode="block", strikes=False)  # type: ignore[arg-type]
+    layer = OutputModeration(_Inner(body), judge, holdback=10, failure="closed", budget=ByteBudget(1 << 20))
+    sent = await _answer(layer, f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}")
+    assert sent[0]["status"] == 200
+    answer = orjson.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+    assert answer["choices"][0]["finish_reason"] == "content_filter"
+    assert answer["choices"][0]["logprobs"] is None
+    assert b"bomb" not in sent[1]["body"]
+
