@@ -159,7 +159,7 @@ class _Auditing(_Answer):
         if message["type"] == "http.response.start":
             shape = _shape(message)
             if (shape == "json" or shape == "stream") and not _compressed(message):
-                self.copy = AnswerCopy(self.kind, shape, self.layer.max_answer_bytes)
+                self.copy = AnswerCopy(self.kind, shape, self.layer.max_answer_bytes, self.layer.budget)
         elif self.copy is not None:
             self.copy.add(message.get("body", b""))
 
@@ -172,6 +172,10 @@ class _Auditing(_Answer):
             verdict = await self.judged((text,))
             if verdict is not None:
                 self.flags.append(verdict)
+
+    def release(self) -> None:
+        if self.copy is not None:
+            self.copy.release()
 
 
 class _Blocking(_Answer):

@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from gateway.app import create_app, output_layer
 from gateway.proxy import Upstream
@@ -469,3 +470,33 @@ async def test_a_flagged_choice_loses_its_logprobs(kind: str) -> None:
     assert answer["choices"][0]["logprobs"] is None
     assert b"bomb" not in sent[1]["body"]
 
+
+async def test_audit_copies_count_against_the_byte_budget() -> None:
+    body = orjson.dumps({"choices": [{"index": 0, "message": {"content": FLAGGED}, "finish_reason": "stop"}]})
+    judge = OutputJudge([_Flags()], "closed", None, mode="audit", strikes=False)  # type: ignore[arg-type]
+    held: list[int] = []
+    budget = ByteBudget(1 << 20)
+
+    class Inner(_Inner):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            async def watching(message: Any) -> None:
+                await send(message)
+                held.append(budget.used)
+
+            await super().__call__(scope, receive, watching)
+
+    layer = OutputModeration(Inner(body), judge, holdback=10, failure="closed", budget=budget)
+    with capture_logs() as logs:
+        sent = await _answer(layer)
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == body
+    assert held[-1] == len(body)  # the copy, held while the answer goes out
+    assert budget.used == 0
+    assert [entry["event"] for entry in logs] == ["output_violation"]
+    # a budget spent by other calls: the answer still passes untouched, its copy given up, not judged whole
+    budget.limit = 10
+    with capture_logs() as logs:
+        sent = await _answer(layer)
+    assert sent[0]["status"] == 200
+    assert b"".join(message.get("body", b"") for message in sent[1:]) == body
+    assert budget.used == 0
+    assert [entry["event"] for entry in logs] == ["output_not_judged_whole"]
