@@ -8,7 +8,7 @@ No key is needed and every model name is answered. In a test, `with FakeUpstream
 serves it from a thread of its own on a loopback port (`mock.url` ends in /v1).
 
 Routes: `POST /v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/moderations`;
-`GET /v1/responses/resp_mock`, `/v1/models`; what each answers is gateway/fake_answers.py. Any
+`GET /v1/responses/resp_mock`, `/v1/chat/completions/chatcmpl-mock`, `/v1/models`; what each answers is gateway/fake_answers.py. Any
 other path answers 404 in OpenAI's error shape; a body that is not a JSON object, 400.
 
 Benchmark streams: a chat completion whose body names a `"bench_group"` is a stream of `chunks`
@@ -136,6 +136,7 @@ class FakeUpstream:
             ("POST", "/v1/completions"): self._completion,
             ("POST", "/v1/responses"): self._response,
             ("GET", "/v1/responses/resp_mock"): self._stored,
+            ("GET", "/v1/chat/completions/chatcmpl-mock"): self._stored_chat,
             ("POST", "/v1/moderations"): self._moderation,
             ("GET", "/v1/models"): self._models,
         }
@@ -354,6 +355,11 @@ class FakeUpstream:
 
     async def _stored(self, request: web.Request, behaviour: dict[str, str], _: dict[str, Any]) -> web.StreamResponse:
         return await self._response(request, behaviour, {"stream": request.query.get("stream") == "true"})
+
+    async def _stored_chat(
+        self, request: web.Request, behaviour: dict[str, str], _: dict[str, Any]
+    ) -> web.StreamResponse:
+        return self._json(behaviour, answers.chat_completion({}, [self.reply]))
 
     async def _moderation(
         self, request: web.Request, behaviour: dict[str, str], payload: dict[str, Any]

@@ -333,6 +333,18 @@ def test_a_stored_answer_read_back_is_judged(settings_factory: SettingsFactory, 
         assert client.responses.retrieve("resp_mock").output_text == CLEAN
 
 
+def test_a_stored_chat_completion_read_back_is_judged(
+    settings_factory: SettingsFactory, upstream: MockUpstream
+) -> None:
+    upstream.reply = FLAGGED
+    with output_gateway(settings_factory, upstream) as url:
+        client = sdk(url)
+        choice = client.chat.completions.retrieve("chatcmpl-mock").choices[0]
+        assert (choice.message.content, choice.finish_reason) == (None, "content_filter")
+        upstream.reply = CLEAN
+        assert client.chat.completions.retrieve("chatcmpl-mock").choices[0].message.content == CLEAN
+
+
 @pytest.mark.parametrize("behaviour", ["gzip", "large=64"])
 def test_an_answer_that_cannot_be_read(
     settings_factory: SettingsFactory, upstream: MockUpstream, behaviour: str
