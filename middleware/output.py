@@ -18,8 +18,10 @@ and follows GATEWAY_MODERATION_FAILURE like a detector failure.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 import orjson
 import structlog
@@ -40,6 +42,7 @@ log = structlog.get_logger("middleware.output")
 VIOLATION_HEADER = b"x-gateway-output-violation"
 _KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "completions", "responses": "responses"}
 _FRAMING = (b"content-length", b"transfer-encoding")
+_STARTING_AFTER = "starting_after"
 # A JSON answer larger than this is not judged (block: GATEWAY_MODERATION_FAILURE decides).
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
@@ -76,6 +79,14 @@ class OutputModeration:
         kind = _KINDS.get(route.name) if route is not None else _read_back(path)
         if kind is None:
             return self.app(scope, receive, send)
+        if route is None and self.judge.mode == "block" and _starts_after(scope):
+            return GatewayError(
+                400,
+                "invalid_request",
+                "A stored answer read back under output moderation (block) cannot start part way: "
+                "leave out starting_after.",
+                param=_STARTING_AFTER,
+            ).send(send)
         return self._call(scope, receive, send, kind, root + "/" + "/".join(segments(path)))
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, kind: Kind, path: str) -> None:
@@ -105,6 +116,13 @@ def _read_back(path: str) -> Kind | None:
     if len(found) == 3 and found[:2] == ("chat", "completions"):
         return "chat"
     return None
+
+
+def _starts_after(scope: Scope) -> bool:
+    """Whether a read-back names `starting_after`: its replay would start the judge mid-text with
+    no overlap, so a client could split a flagged phrase between two calls."""
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    return any(unquote_plus(part.partition("=")[0]) == _STARTING_AFTER for part in re.split(r"[&;]", query))
 
 
 def _shape(message: Message) -> Literal["json", "stream", "other"] | None:

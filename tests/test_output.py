@@ -345,6 +345,23 @@ def test_a_stored_chat_completion_read_back_is_judged(
         assert client.chat.completions.retrieve("chatcmpl-mock").choices[0].message.content == CLEAN
 
 
+def test_a_read_back_stream_cannot_choose_where_windows_fall(
+    settings_factory: SettingsFactory, upstream: MockUpstream
+) -> None:
+    # `starting_after` would start the judge mid-text with no overlap: a phrase split over two calls
+    upstream.reply = FLAGGED
+    with output_gateway(settings_factory, upstream, output_holdback_chars=16) as url:
+        for query in ("stream=true&starting_after=3", "starting%5Fafter=&stream=true", "starting_after=0"):
+            answer = httpx2.get(f"{url}/v1/responses/resp_mock?{query}", headers=USER)
+            assert answer.status_code == 400, query
+            error = answer.json()["error"]
+            assert (error["code"], error["param"]) == ("invalid_request", "starting_after")
+        assert not any(request.path == "/v1/responses/resp_mock" for request in upstream.requests)
+    with output_gateway(settings_factory, upstream, output_moderation="audit") as url:
+        answer = httpx2.get(f"{url}/v1/responses/resp_mock?stream=true&starting_after=3", headers=USER)
+        assert answer.status_code == 200
+
+
 @pytest.mark.parametrize("behaviour", ["gzip", "large=64"])
 def test_an_answer_that_cannot_be_read(
     settings_factory: SettingsFactory, upstream: MockUpstream, behaviour: str
