@@ -483,7 +483,9 @@ async def _answer(layer: OutputModeration, path: str = "/v1/chat/completions") -
 @pytest.mark.parametrize("kind", ["chat", "completions"])
 async def test_a_flagged_choice_loses_its_logprobs(kind: str) -> None:
     # the logprobs hold every token of the text: left in, the blocked text would still reach the client
-    tokens = [{"token": word, "logprob": -0.1, "bytes": None, "top_logprobs": []} for word in FLAGGED.split()]
+    tokens: list[Any] = [
+        {"token": word, "logprob": -0.1, "bytes": None, "top_logprobs": []} for word in FLAGGED.split()
+    ]
     if kind == "chat":
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": FLAGGED}}
         choice["logprobs"] = {"content": tokens, "refusal": None}
