@@ -8,8 +8,9 @@ No key is needed and every model name is answered. In a test, `with FakeUpstream
 serves it from a thread of its own on a loopback port (`mock.url` ends in /v1).
 
 Routes: `POST /v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/moderations`;
-`GET /v1/responses/resp_mock`, `/v1/chat/completions/chatcmpl-mock`, `/v1/models`; what each answers is gateway/fake_answers.py. Any
-other path answers 404 in OpenAI's error shape; a body that is not a JSON object, 400.
+`GET /v1/responses/resp_mock`, `/v1/chat/completions/chatcmpl-mock`, `/v1/models`; what each
+answers is gateway/fake_answers.py. Any other path answers 404 in OpenAI's error shape; a body
+that is not a JSON object, 400.
 
 Benchmark streams: a chat completion whose body names a `"bench_group"` is a stream of `chunks`
 chunks, each stamped with `"sent_ns"` (`time.monotonic_ns()` as it is written: one clock for every
