@@ -157,9 +157,7 @@ def output_layer(
         mode=settings.output_moderation,
         strikes=settings.output_strikes,
     )
-    return OutputModeration(
-        upstream, judge, holdback=settings.output_holdback_chars, failure=settings.moderation_failure, budget=budget
-    )
+    return OutputModeration(upstream, judge, holdback=settings.output_holdback_chars, budget=budget)
 
 
 def error_response(error: GatewayError) -> Response:

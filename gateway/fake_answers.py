@@ -47,6 +47,7 @@ MODERATION_CATEGORIES = (
 )
 USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
 DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 # A stream's events: the pieces written one at a time, then the tail (the last events) in one go.
 type Events = tuple[list[bytes], bytes]

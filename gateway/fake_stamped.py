@@ -11,11 +11,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import orjson
 from aiohttp import web
 
+from gateway.fake_answers import DONE, SSE_HEADERS, data
+
 GROUP_WAIT = 10.0  # seconds for every twin of a benchmark group to arrive
-_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _WORDS = "the quick brown fox jumps over the lazy dog and keeps on running "
 
 
@@ -34,7 +34,7 @@ class StampedGroups:
     async def answer(
         self, request: web.Request, name: str, members: int, chunks: int, delay: float, text: int = 0
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers=_SSE)
+        response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         group = self._groups.setdefault(name, _Group(members))
         group.responses.append(response)
@@ -67,12 +67,12 @@ async def _write(responses: list[web.StreamResponse], chunks: int, delay: float,
             if text:
                 chunk["choices"] = [{"index": 0, "delta": {"content": words}, "finish_reason": None}]
             chunk["sent_ns"] = time.monotonic_ns()
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await response.write(data(chunk))
     for response in responses:
         if text:
             finish = {
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
             }
-            await response.write(b"data: " + orjson.dumps(finish) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+            await response.write(data(finish))
+        await response.write(DONE)

@@ -62,8 +62,6 @@ from gateway import fake_answers as answers
 from gateway.fake_answers import FLAG_WORDS, REPLY
 from gateway.fake_stamped import StampedGroups
 
-_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-
 
 @dataclass(frozen=True)
 class RecordedRequest:
@@ -310,7 +308,7 @@ class FakeUpstream:
         delay = float(behaviour.get("delay", self.chunk_delay))
         stall_after = int(behaviour["stall-after"]) if "stall-after" in behaviour else None
         drop_after = int(behaviour["drop-after"]) if "drop-after" in behaviour else None
-        response = web.StreamResponse(headers=_SSE)
+        response = web.StreamResponse(headers=answers.SSE_HEADERS)
         await response.prepare(request)
         for index, event in enumerate([*pieces, tail]):
             if index == stall_after:

@@ -26,7 +26,8 @@ from urllib.parse import unquote_plus
 import orjson
 import structlog
 
-from middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from middleware.asgi import ASGIApp, Message, Receive, Scope, Send, header, route_path
+from middleware.bodies import compressed
 from middleware.budgets import ByteBudget, server_busy
 from middleware.errors import GatewayError
 from middleware.output_audit import AnswerCopy
@@ -58,23 +59,20 @@ class OutputModeration:
         judge: OutputJudge,
         *,
         holdback: int,
-        failure: Literal["closed", "open"],
         budget: ByteBudget,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.app = app
         self.judge = judge
         self.holdback = holdback
-        self.failure = failure
         self.budget = budget  # shared with the request bodies: GATEWAY_MAX_BUFFERED_BYTES bounds both
         self.max_answer_bytes = max_answer_bytes
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http":
             return self.app(scope, receive, send)
-        path: str = scope["path"]
+        path = route_path(scope)
         root: str = scope.get("root_path", "")
-        path = path[len(root) :] if root and path.startswith(root) else path
         route = match(scope["method"], path)
         kind = _KINDS.get(route.name) if route is not None else _read_back(path)
         if kind is None:
@@ -90,10 +88,10 @@ class OutputModeration:
         return self._call(scope, receive, send, kind, root + "/" + "/".join(segments(path)))
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, kind: Kind, path: str) -> None:
+        authorization = header(scope, b"authorization")
         scope = dict(scope)
         headers = [(name, value) for name, value in scope["headers"] if name != b"accept-encoding"]
         scope["headers"] = [*headers, (b"accept-encoding", b"identity")]
-        authorization = next((value for name, value in headers if name == b"authorization"), None)
         answer = (_Blocking if self.judge.mode == "block" else _Auditing)(self, kind, send, authorization)
         try:
             with contextlib.suppress(_Cut):
@@ -143,8 +141,7 @@ def _shape(message: Message) -> Literal["json", "stream", "other"] | None:
 
 def _compressed(message: Message) -> bool:
     return any(
-        name.lower() == b"content-encoding" and bytes(value).strip().lower() not in (b"", b"identity")
-        for name, value in message.get("headers", ())
+        name.lower() == b"content-encoding" and compressed(bytes(value)) for name, value in message.get("headers", ())
     )
 
 
@@ -204,7 +201,6 @@ class _Blocking(_Answer):
         super().__init__(layer, kind, send, authorization)
         self.body = bytearray()
         self.held = 0  # of the byte budget
-        self.ended = False
 
     def release(self) -> None:
         self.layer.budget.give(self.held)
@@ -248,7 +244,6 @@ class _Blocking(_Answer):
         if stream.cut:
             raise _Cut
         if out or not more:
-            self.ended = not more
             await self.client({"type": "http.response.body", "body": out, "more_body": more})
 
     async def _json(self, body: bytes, more: bool) -> None:
@@ -298,7 +293,7 @@ class _Blocking(_Answer):
 
     async def _unjudgeable(self, start: Message, why: str, held: bytes = b"") -> None:
         """An answer that cannot be judged: refused (failure mode closed) or passed on (open)."""
-        if self.layer.failure == "closed":
+        if self.layer.judge.failure == "closed":
             self.flags.append(unavailable(()))
             await GatewayError(
                 502, "output_unjudgeable", f"The answer could not be judged by output moderation: {why}."
@@ -310,7 +305,7 @@ class _Blocking(_Answer):
 
     async def finish(self) -> None:
         stream = self.stream
-        if stream is not None and stream.cut and not self.ended:
+        if stream is not None and stream.cut:
             out = await stream.finale()
             await self.client({"type": "http.response.body", "body": out})
             self.flags.extend(stream.flags)

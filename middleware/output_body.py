@@ -36,7 +36,7 @@ def answer_texts(kind: Kind, document: Any) -> dict[int, str]:
             else None
         )
         if isinstance(text, str) and text:
-            texts[_index(choice, position)] = text
+            texts[int_or(choice.get("index"), position)] = text
     return texts
 
 
@@ -53,7 +53,7 @@ def filtered(kind: Kind, document: dict[str, Any], flagged: set[int]) -> dict[st
     assert isinstance(choices, list)
     rewritten = []
     for position, choice in enumerate(choices):
-        if isinstance(choice, dict) and _index(choice, position) in flagged:
+        if isinstance(choice, dict) and int_or(choice.get("index"), position) in flagged:
             # logprobs hold every token of the text
             choice = {**choice, "finish_reason": "content_filter", "logprobs": None}
             if kind == "chat" and isinstance(choice.get("message"), dict):
@@ -64,9 +64,9 @@ def filtered(kind: Kind, document: dict[str, Any], flagged: set[int]) -> dict[st
     return {**document, "choices": rewritten}
 
 
-def _index(choice: dict[str, Any], position: int) -> int:
-    index = choice.get("index")
-    return index if isinstance(index, int) and not isinstance(index, bool) else position
+def int_or(value: Any, default: int = 0) -> int:
+    """`value` if it is a JSON integer (an index), else `default`."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _is_message(item: Any) -> bool:

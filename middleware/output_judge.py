@@ -47,6 +47,7 @@ class OutputJudge:
         # sequential: an answer's windows are judged while the client waits on them, in turn
         self._cascade = make_cascade(detectors, failure, "sequential")
         self._store = store
+        self.failure = failure  # GATEWAY_MODERATION_FAILURE, for answers that cannot be judged too
         self.mode = mode
         self._strikes = strikes
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from middleware.output_body import Kind
+from middleware.output_body import Kind, int_or
 from middleware.output_sse import Event, SseReader
 from middleware.protocols import Verdict
 
@@ -68,7 +68,7 @@ def found_in(kind: Kind, data: Any) -> Found:
         return found
     if kind == "responses":
         kind_of = data.get("type")
-        key = (_int(data.get("output_index")), _int(data.get("content_index")))
+        key = (int_or(data.get("output_index")), int_or(data.get("content_index")))
         if kind_of == "response.output_text.delta" and isinstance(data.get("delta"), str):
             found.texts.append((key, data["delta"]))
         elif kind_of == "response.output_text.done":
@@ -80,7 +80,7 @@ def found_in(kind: Kind, data: Any) -> Found:
     for position, choice in enumerate(choices if isinstance(choices, list) else []):
         if not isinstance(choice, dict):
             continue
-        key = (_int(choice.get("index"), position), 0)
+        key = (int_or(choice.get("index"), position), 0)
         if kind == "chat":
             delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else None
@@ -241,7 +241,3 @@ class StreamJudge:
         if self._sequence is not None:
             event["sequence_number"] = self._sequence + 1
         return b"event: response.incomplete\ndata: " + orjson.dumps(event) + b"\n\n"
-
-
-def _int(value: Any, default: int = 0) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default

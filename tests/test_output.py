@@ -418,7 +418,7 @@ async def test_a_json_answer_that_cannot_be_judged(failure: Literal["closed", "o
     judge = OutputJudge([], failure, None, mode="block", strikes=False)  # type: ignore[arg-type]
     limit = len(body) // 2 if problem == "too large" else len(body)
     budget = ByteBudget(1 << 20)
-    layer = OutputModeration(_Inner(body), judge, holdback=10, failure=failure, budget=budget, max_answer_bytes=limit)
+    layer = OutputModeration(_Inner(body), judge, holdback=10, budget=budget, max_answer_bytes=limit)
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -439,7 +439,7 @@ async def test_answers_held_count_against_the_byte_budget() -> None:
     body = orjson.dumps({"choices": [{"index": 0, "message": {"content": CLEAN}, "finish_reason": "stop"}]})
     judge = OutputJudge([], "closed", None, mode="block", strikes=False)  # type: ignore[arg-type]
     budget = ByteBudget(len(body) - 1)  # the rest is held by other calls
-    layer = OutputModeration(_Inner(body), judge, holdback=10, failure="closed", budget=budget)
+    layer = OutputModeration(_Inner(body), judge, holdback=10, budget=budget)
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -493,7 +493,7 @@ async def test_a_flagged_choice_loses_its_logprobs(kind: str) -> None:
         choice = {"index": 0, "text": FLAGGED, "logprobs": {"tokens": FLAGGED.split(), "token_logprobs": []}}
     body = orjson.dumps({"choices": [choice | {"finish_reason": "stop"}]})
     judge = OutputJudge([_Flags()], "closed", None, mode="block", strikes=False)  # type: ignore[arg-type]
-    layer = OutputModeration(_Inner(body), judge, holdback=10, failure="closed", budget=ByteBudget(1 << 20))
+    layer = OutputModeration(_Inner(body), judge, holdback=10, budget=ByteBudget(1 << 20))
     sent = await _answer(layer, f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}")
     assert sent[0]["status"] == 200
     answer = orjson.loads(b"".join(message.get("body", b"") for message in sent[1:]))
@@ -516,7 +516,7 @@ async def test_audit_copies_count_against_the_byte_budget() -> None:
 
             await super().__call__(scope, receive, watching)
 
-    layer = OutputModeration(Inner(body), judge, holdback=10, failure="closed", budget=budget)
+    layer = OutputModeration(Inner(body), judge, holdback=10, budget=budget)
     with capture_logs() as logs:
         sent = await _answer(layer)
     assert b"".join(message.get("body", b"") for message in sent[1:]) == body

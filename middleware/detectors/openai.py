@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import orjson
 
 from middleware.detectors.cache import VerdictCache, sha256_hex
 from middleware.detectors.endpoint_errors import ErrorAnswer
-from middleware.detectors.remote import first_flag
+from middleware.detectors.remote import first_flag, post_json
 from middleware.protocols import DetectorFailed, InputRefused, JsonPost, UserInput, Verdict
 
 MODERATION_MODEL = "omni-moderation-latest"
@@ -138,23 +137,16 @@ class OpenAIDetector:
             headers["Authorization"] = f"Bearer {self._api_key}"
         elif authorization:
             headers["Authorization"] = authorization
-        payload = orjson.dumps({"model": MODERATION_MODEL, "input": sent})
-        try:
-            async with asyncio.timeout(self._timeout):
-                status, body = await self._post(self.url, payload, headers, self._timeout)
-        except TimeoutError:
-            raise DetectorFailed(f"the moderation endpoint {self.url} did not answer within {self._timeout}s") from None
-        except OSError as exc:
-            raise DetectorFailed(f"the moderation endpoint {self.url} could not be reached: {exc}") from None
-        if not 200 <= status < 300:
-            answer = ErrorAnswer.read(status, body)
-            if answer.about_input:
-                raise _refusal(answer, items)
-            raise DetectorFailed(f"the moderation endpoint {self.url} answered HTTP {status}{answer.detail()}")
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise DetectorFailed(f"the moderation endpoint {self.url} answered a body that is not JSON") from None
+        payload = {"model": MODERATION_MODEL, "input": sent}
+        data = await post_json(
+            self._post,
+            self.url,
+            payload,
+            headers,
+            self._timeout,
+            "the moderation endpoint",
+            lambda answer: _refusal(answer, items),
+        )
         results = data.get("results") if isinstance(data, dict) else None
         if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
             raise DetectorFailed(f"the moderation endpoint {self.url} answered JSON without a `results` list")

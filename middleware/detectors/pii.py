@@ -176,10 +176,6 @@ def find(text: str) -> list[Found]:
     return kept
 
 
-def kinds(text: str) -> list[str]:
-    return list(dict.fromkeys(item.kind for item in find(text)))
-
-
 def mask(text: str, found: list[Found] | None = None) -> str:
     """`text` with each piece found replaced by its kind's placeholder, until none is left.
 

@@ -10,7 +10,7 @@ switch a detector off by sending what it refuses.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -20,9 +20,16 @@ from middleware.protocols import DetectorFailed, InputRefused, JsonPost, Verdict
 
 
 async def post_json(
-    post: JsonPost, url: str, payload: Any, headers: Mapping[str, str], seconds: float, what: str
+    post: JsonPost,
+    url: str,
+    payload: Any,
+    headers: Mapping[str, str],
+    seconds: float,
+    what: str,
+    refused: Callable[[ErrorAnswer], InputRefused] | None = None,
 ) -> Any:
-    """POST `payload` as JSON to `url` within `seconds` and return the answer's JSON; `what` names the endpoint."""
+    """POST `payload` as JSON to `url` within `seconds` and return the answer's JSON; `what` names
+    the endpoint, `refused` words a refusal of the input (else a generic one)."""
     body = orjson.dumps(payload)
     try:
         async with asyncio.timeout(seconds):
@@ -34,6 +41,8 @@ async def post_json(
     if not 200 <= status < 300:
         error = ErrorAnswer.read(status, answer)
         if error.about_input:
+            if refused is not None:
+                raise refused(error)
             reason = error.message.rstrip(".") or f"HTTP {status}"
             raise InputRefused(f"{what} refused the input ({reason}); change it and retry", "input")
         raise DetectorFailed(f"{what} {url} answered HTTP {status}{error.detail()}")
