@@ -26,6 +26,7 @@ from gateway.throttle import AuthThrottle
 from tests.conftest import run_sync
 from tests.consoles import CONSOLE, add_operators, admin, csrf_of, seed, sign_in
 from tests.servers import run_app
+from tests.test_standing import cut_short, started, status_of
 from tests.test_store import fetch
 from tests.upstream import MockUpstream
 
@@ -420,3 +421,13 @@ def test_what_a_hostile_client_sends_gets_a_clear_refusal_and_changes_nothing(ga
     signed_out = httpx2.post(f"{gateway}{unblock}", data=form)
     assert signed_out.status_code == 403
     assert "signed out" in signed_out.text
+
+
+async def test_a_sign_in_whose_client_hangs_up_mid_form_ends_quietly(settings: Settings) -> None:
+    app = create_app(settings)
+    async with started(app):
+        headers = {"content-type": FORM, "origin": "http://gateway"}
+        sent, logs = await cut_short(app, f"{CONSOLE}/signin", b"token=admin-se", headers)
+    assert status_of(sent) == 400
+    assert [line for line in logs if line["log_level"] in ("error", "critical")] == []
+    assert "unhandled_error" not in [line["event"] for line in logs]

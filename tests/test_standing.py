@@ -3,14 +3,18 @@ calls them, and what a hostile client sends."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx2
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.app import create_app
 from gateway.settings import Settings
+from middleware.asgi import ASGIApp, Message
 from tests.servers import run_app
 from tests.test_appeals import zero_standing
 from tests.upstream import MockUpstream
@@ -192,3 +196,67 @@ def test_a_database_that_does_not_answer_is_503(settings_factory: SettingsFactor
     app = create_app(settings)
     with run_app(app, lifespan="off") as url:
         error(httpx2.get(f"{url}/gateway/standing", headers=as_user("hal")), 503, "store_unavailable")
+
+
+@asynccontextmanager
+async def started(app: ASGIApp) -> AsyncIterator[None]:
+    """`app` through its lifespan's startup, on this event loop (so its database pool is usable here)."""
+    events: asyncio.Queue[Message] = asyncio.Queue()
+    answers: asyncio.Queue[Message] = asyncio.Queue()
+    await events.put({"type": "lifespan.startup"})
+    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, events.get, answers.put))
+    assert (await answers.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        await events.put({"type": "lifespan.shutdown"})
+        await answers.get()
+        await task
+
+
+async def cut_short(app: ASGIApp, path: str, part: bytes, headers: dict[str, str]) -> tuple[list[Message], Any]:
+    """POST `part` of a longer body to `path`, then hang up as a client does: what the app sent, and its log."""
+    incoming: list[Message] = [{"type": "http.request", "body": part, "more_body": True}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    announced = {"content-length": str(len(part) * 4), "host": "gateway", **headers}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(name.encode(), value.encode()) for name, value in announced.items()],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    with capture_logs() as logs:
+        await app(scope, receive, send)
+    return sent, logs
+
+
+def status_of(sent: list[Message]) -> int | None:
+    return next((message["status"] for message in sent if message["type"] == "http.response.start"), None)
+
+
+async def test_an_appeal_whose_client_hangs_up_mid_body_ends_quietly(
+    settings_factory: SettingsFactory, upstream: MockUpstream
+) -> None:
+    app = create_app(settings_factory(upstream_url=upstream.url, moderation="rules"))
+    async with started(app):
+        headers = {"x-user-id": "ivy", "content-type": "application/json"}
+        sent, logs = await cut_short(app, "/gateway/appeals", b'{"event_id": "1", "mess', headers)
+    assert status_of(sent) == 400
+    assert [line for line in logs if line["log_level"] in ("error", "critical")] == []
+    assert "unhandled_error" not in [line["event"] for line in logs]

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
+from gateway.admin_requests import read_capped
 from middleware.errors import GatewayError
 
 MAX_FORM_BYTES = 16 * 1024
@@ -32,17 +33,9 @@ async def read_form(request: Request) -> Form:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != FORM_TYPE:
         raise GatewayError(400, "invalid_request", f"A console form is sent as {FORM_TYPE}.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_FORM_BYTES:
-            raise GatewayError(413, "request_too_large", f"A console form is at most {MAX_FORM_BYTES} bytes.")
-        chunks.append(chunk)
+    raw = await read_capped(request, MAX_FORM_BYTES)
     try:
-        pairs = parse_qsl(
-            b"".join(chunks).decode("ascii"), keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict"
-        )
+        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict")
     except (UnicodeError, ValueError):
         raise GatewayError(400, "invalid_request", "The form is not URL-encoded UTF-8 text.") from None
     form = Form()
