@@ -340,6 +340,31 @@ def test_the_csv_export_is_bounded_and_defuses_formulas(gateway: str) -> None:
     assert client.get(f"{CONSOLE}/export.csv", params=backwards).status_code == 400
 
 
+def test_an_export_at_the_calendars_start_is_refused_or_empty_not_a_failure(gateway: str) -> None:
+    client = sign_in(gateway)
+    # UTC of 00:30+01:00 on the first day there is would be before it.
+    before = client.get(f"{CONSOLE}/export.csv", params={"start": "0001-01-01T00:30+01:00", "end": "0001-01-02T00:00"})
+    assert before.status_code == 400
+    assert "start is a date and time" in before.text
+    first_day = client.get(f"{CONSOLE}/export.csv", params={"start": "0001-01-01T00:00", "end": "0001-01-02T00:00"})
+    assert first_day.status_code == 200
+    assert first_day.text.splitlines() == [",".join(pages.CSV_COLUMNS)]
+
+
+async def test_the_export_starts_with_an_event_at_its_very_start(store: Store) -> None:
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    async with store.database.connection() as conn:
+        await conn.execute("INSERT INTO users (user_id) VALUES ('u')")
+        await conn.execute(
+            "INSERT INTO events (user_id, kind, operator, note, at) VALUES ('u', 'note', 'mo', 'at', $1),"
+            " ('u', 'note', 'mo', 'before', $1 - interval '1 microsecond'),"
+            " ('u', 'note', 'mo', 'end', $1 + interval '1 hour')",
+            at,
+        )
+    found = [event async for event in queries.export_events(store.database, at, at + timedelta(hours=1))]
+    assert [event["text"] for event in found] == ["at"]
+
+
 def test_csv_cells_that_a_spreadsheet_would_run() -> None:
     for text in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"):
         assert csv_cell(text) == "'" + text

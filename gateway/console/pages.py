@@ -270,9 +270,10 @@ def _moment(value: str, name: str) -> datetime:
     """A datetime-local field's value, read as UTC."""
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        # An offset can push a moment at the calendar's edge past it (0001-01-01T00:30+01:00).
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise _bad(f"{name} is a date and time such as 2026-12-01T09:30 (UTC).") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 PAGES = [

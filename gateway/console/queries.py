@@ -130,7 +130,9 @@ async def export_events(
 ) -> AsyncIterator[dict[str, Any]]:
     """The events of [start, end) oldest first, read in batches (each its own short read), so a
     large range is streamed without a long transaction or memory that grows with it."""
-    after_at, after_id = start - timedelta(microseconds=1), 0
+    # Ids start at 1: (start, 0) comes before every event at `start`, and needs no earlier moment
+    # (there is none before 0001-01-01).
+    after_at, after_id = start, 0
     while True:
 
         async def work(conn: Connection, at: datetime = after_at, last: int = after_id) -> list[Any]:
