@@ -25,7 +25,7 @@ from starlette.websockets import WebSocketClose
 from gateway.admin_openapi import Operation, Operations
 from gateway.admin_requests import read_body, read_params
 from gateway.operators import Operator, Operators, require
-from gateway.throttle import AuthThrottle
+from gateway.throttle import AuthThrottle, client_address, peer
 from middleware.asgi import Receive, Scope, Send, header, route_path
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
@@ -111,18 +111,18 @@ class OperationsApp:
 
     async def _authenticate(self, scope: Scope) -> Operator:
         scheme, _, token = (header(scope, b"authorization") or b"").partition(b" ")
-        peer = _peer(scope)
+        address = peer(scope)
         # The token first and always, so the answer's timing says nothing about the scheme.
         operator = await self._operators.authenticate(token)
         if operator is not None and scheme.lower() == b"bearer":
-            self._throttle.succeeded(peer)
+            self._throttle.succeeded(address)
             scope.setdefault("state", {})["operator"] = operator
             return operator
         # No token set and no operator stored: disabled, as the answer to anything.
         if not await self._operators.enabled():
             raise _disabled()
-        log.warning("admin_auth_failed", client=_client(scope), peer=peer)
-        await self._throttle.failed(peer)
+        log.warning("admin_auth_failed", client=client_address(scope), peer=address)
+        await self._throttle.failed(address)
         raise GatewayError(
             401,
             "invalid_admin_token",
@@ -177,16 +177,3 @@ def _encoded_route_path(scope: Scope) -> str:
             candidate = "/" + "/".join(segments[start:])
             return candidate if length == len(decoded) and unquote(candidate) == decoded else ""
     return ""
-
-
-def _peer(scope: Scope) -> str:
-    """The throttle's key: the socket peer, which the server puts in state["peer"] before any
-    X-Forwarded-For is applied; the client address where it did not."""
-    peer = scope.get("state", {}).get("peer")
-    return peer if isinstance(peer, str) and peer else _client(scope)
-
-
-def _client(scope: Scope) -> str:
-    # The client address as the server reports it: a trusted proxy's X-Forwarded-For rewrites it.
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"

@@ -45,6 +45,7 @@ from gateway.settings import Settings, SettingsError, load_settings
 from gateway.standing import standing_app
 from gateway.store import Policy, Store
 from gateway.sweeper import ExpirySweeper
+from gateway.throttle import AuthThrottle
 from gateway.webhooks import WebhookSender
 from middleware.access import KeyReach
 from middleware.asgi import ASGIApp, Receive, Scope, Send
@@ -265,13 +266,15 @@ def create_app(settings: Settings | None = None) -> Gateway:
     async def metrics(request: Request) -> Response:
         return Response(exposition.render(), media_type=CONTENT_TYPE_LATEST)
 
+    throttle = AuthThrottle()
     site = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-            *console_routes(store, operators, settings),  # before /admin, which would take its paths
-            _mount("/admin", admin_app(store, settings, operators=operators)),
+            # Before /admin, which would take its paths; one throttle for both: they check the same tokens.
+            *console_routes(store, operators, settings, throttle=throttle),
+            _mount("/admin", admin_app(store, settings, operators=operators, throttle=throttle)),
             _mount("/gateway", standing_app(store, settings)),
         ],
         lifespan=lifespan,

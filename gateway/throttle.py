@@ -1,4 +1,8 @@
-"""Slowing down guessed admin tokens: per socket peer, and all peers together."""
+"""Slowing down guessed admin tokens: per socket peer, and all peers together.
+
+One throttle guards the admin API and the console's sign-in alike (create_app shares it): they
+check the same tokens, so a guess at either counts toward the other.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+
+from middleware.asgi import Scope
 
 # Enough doublings of any sane `delay` to reach `max_delay`: counting further changes nothing.
 _DOUBLINGS = 64
@@ -77,3 +83,16 @@ class AuthThrottle:
             kept = [failure for failure in self._recent if failure[1] != peer]
             self._recent.clear()
             self._recent.extend(kept)
+
+
+def peer(scope: Scope) -> str:
+    """The throttle's key: the socket peer, which the gateway puts in state["peer"] before any
+    X-Forwarded-For is applied; the client address where it did not."""
+    found = scope.get("state", {}).get("peer")
+    return found if isinstance(found, str) and found else client_address(scope)
+
+
+def client_address(scope: Scope) -> str:
+    # The client address as the server reports it: a trusted proxy's X-Forwarded-For rewrites it.
+    address = scope.get("client")
+    return str(address[0]) if address else "unknown"

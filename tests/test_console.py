@@ -15,6 +15,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from gateway import app as gateway_app
 from gateway.app import create_app
 from gateway.console import console_app, pages, queries
 from gateway.console.app import CSP
@@ -208,6 +209,33 @@ async def test_failed_sign_ins_are_throttled(store: Store, settings_factory: Set
         assert waits == [0.25, 0.5]
         assert (await client.post(f"{CONSOLE}/signin", data={"token": "admin-secret"})).status_code == 303
         assert len(throttle) == 0
+
+
+def test_guesses_at_the_sign_in_and_at_the_admin_api_share_one_throttle(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    def throttle() -> AuthThrottle:
+        return AuthThrottle(free_failures=2, sleep=sleep)
+
+    monkeypatch.setattr(gateway_app, "AuthThrottle", throttle, raising=False)
+    with run_app(create_app(settings)) as url:
+        for _ in range(2):
+            assert httpx2.post(f"{url}{CONSOLE}/signin", data={"token": "guess"}).status_code == 401
+        assert waits == []
+        guess = {"Authorization": "Bearer guess"}
+        assert httpx2.get(f"{url}/admin/stats", headers=guess).status_code == 401
+        assert waits == [0.25]  # the API's first guess from this peer, the third in all
+        assert httpx2.post(f"{url}{CONSOLE}/signin", data={"token": "guess"}).status_code == 401
+        assert waits == [0.25, 0.5]
+        # A success at either clears the peer for both.
+        assert httpx2.get(f"{url}/admin/stats", headers={"Authorization": "Bearer admin-secret"}).status_code == 200
+        assert httpx2.post(f"{url}{CONSOLE}/signin", data={"token": "guess"}).status_code == 401
+        assert waits == [0.25, 0.5]
 
 
 def test_a_moderator_acts_from_the_user_page_and_the_timeline_shows_it(gateway: str) -> None:

@@ -26,11 +26,14 @@ def console_app(
     return Console(store, operators, settings, PAGES, throttle=throttle)
 
 
-def console_routes(store: Store, operators: Operators, settings: Settings) -> list[BaseRoute]:
+def console_routes(
+    store: Store, operators: Operators, settings: Settings, *, throttle: AuthThrottle | None = None
+) -> list[BaseRoute]:
     """The site's routes of the console, to put before the /admin mount: the console, and its
-    address without the trailing slash sent to the one with it."""
+    address without the trailing slash sent to the one with it. Give it the admin API's
+    `throttle`: the sign-in checks the same tokens."""
 
     async def slash(request: Request) -> Response:
         return RedirectResponse(request.scope.get("root_path", "") + PREFIX + "/", status_code=308)
 
-    return [Route(PREFIX, slash), Mount(PREFIX, app=console_app(store, operators, settings))]
+    return [Route(PREFIX, slash), Mount(PREFIX, app=console_app(store, operators, settings, throttle=throttle))]

@@ -26,7 +26,7 @@ from gateway.console.sessions import COOKIE, Session, Sessions
 from gateway.operators import Operators, Role, require
 from gateway.settings import Settings
 from gateway.store import Store
-from gateway.throttle import AuthThrottle
+from gateway.throttle import AuthThrottle, peer
 from middleware.asgi import Message, Receive, Scope, Send
 from middleware.errors import GatewayError
 from middleware.protocols import StoreUnavailable
@@ -174,13 +174,13 @@ class Console:
         form = await read_form(request)
         if not same_origin(request):
             return self.error_page(request, 403, "This sign-in did not come from this console's own page.")
-        peer = _peer(request)
+        address = peer(request.scope)
         operator = await self.operators.authenticate(form.text("token"))
         if operator is None:
-            log.warning("console_signin_failed", peer=peer)
-            await self._throttle.failed(peer)
+            log.warning("console_signin_failed", peer=address)
+            await self._throttle.failed(address)
             return self.render(request, "signin.html", http_status=401, failed=True)
-        self._throttle.succeeded(peer)
+        self._throttle.succeeded(address)
         raw, _ = await self.sessions.open(operator)
         log.info("console_signed_in", operator=operator.name, role=operator.role)
         response = self.redirect(request, "/")
@@ -221,11 +221,3 @@ class Console:
 
     async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.error_page(Request(scope), 404, "No such console page.")(scope, receive, send)
-
-
-def _peer(request: Request) -> str:
-    """The throttle's key: the socket's peer, before a trusted proxy's X-Forwarded-For."""
-    peer = request.scope.get("state", {}).get("peer")
-    if isinstance(peer, str) and peer:
-        return peer
-    return request.client.host if request.client else "unknown"
