@@ -84,9 +84,9 @@ def _prefix(value: str) -> str:
     return value
 
 
-def _without_nul(value: str) -> str:
+def _without_nul(value: str, info: ValidationInfo) -> str:
     if "\x00" in value:
-        raise _refused("reason must not hold NUL characters.")
+        raise _refused(f"{info.field_name or 'The text'} must not hold NUL characters.")
     return value
 
 
@@ -282,10 +282,10 @@ class UnblockRequest(_Strict):
     reason: Reason | None = Field(default=None, description=_REASON)
 
 
-def _words(value: str) -> str:
+def _words(value: str, info: ValidationInfo) -> str:
     if not value.strip():
         raise _refused("text must hold some words, not only spaces.")
-    return _without_nul(value)
+    return _without_nul(value, info)
 
 
 class NoteRequest(_Strict):

@@ -62,7 +62,9 @@ async def read_capped(request: Request, limit: int) -> bytes:
 async def read_body[B: BaseModel](model: type[B], request: Request) -> B:
     """The JSON object body as `model`; no body at all is `{}`."""
     raw = await read_capped(request, MAX_BODY_BYTES)
-    expected = f"expected a JSON object with {', '.join(model.model_fields)}, or no body"
+    expected = f"expected a JSON object with {', '.join(model.model_fields)}"
+    if not any(field.is_required() for field in model.model_fields.values()):
+        expected += ", or no body"
     data: object = {}
     if raw.strip():
         try:

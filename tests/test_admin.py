@@ -361,6 +361,11 @@ async def test_bad_unblock_bodies_are_400_naming_the_field(
     check_error(await offline.put("/admin/unblock/u", content=body), 400, code, param)
 
 
+async def test_a_body_of_optional_fields_may_be_left_out_and_the_refusal_says_so(offline: httpx2.AsyncClient) -> None:
+    error = check_error(await offline.put("/admin/unblock/u", content=b'{"why": "x"}'), 400, "invalid_request", "why")
+    assert error["message"] == "Unknown field 'why': expected a JSON object with reason, or no body."
+
+
 async def test_a_huge_body_is_413(offline: httpx2.AsyncClient) -> None:
     body = b'{"reason": "' + b"x" * 70_000 + b'"}'
     check_error(await offline.put("/admin/block/u", content=body), 413, "request_too_large")

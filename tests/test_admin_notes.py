@@ -108,6 +108,19 @@ async def test_bad_notes_are_400_naming_the_field(
     assert len(events) == 1, "nothing was recorded"
 
 
+async def test_a_refused_note_names_its_own_field(
+    client: httpx2.AsyncClient, store: Store, tokens: dict[str, str]
+) -> None:
+    await store.record_violation("u", violation())
+    moderator = bearer(tokens["moderator"])
+    with_nul = await client.post("/admin/users/u/notes", headers=moderator, json={"text": "a\x00b"})
+    assert check_error(with_nul, 400, "invalid_request", "text")["message"] == ("text must not hold NUL characters.")
+    # A note needs its text: no body is not among what the refusal offers.
+    unknown = await client.post("/admin/users/u/notes", headers=moderator, json={"txt": "hi"})
+    message = check_error(unknown, 400, "invalid_request", "txt")["message"]
+    assert message == "Unknown field 'txt': expected a JSON object with text."
+
+
 async def test_the_longest_note_is_kept_whole(client: httpx2.AsyncClient, store: Store, tokens: dict[str, str]) -> None:
     await store.record_violation("u", violation())
     text = "y" * MAX_NOTE
