@@ -59,12 +59,9 @@ class AdminAPI(OperationsApp):
     """The admin ASGI app; mount it at `/admin`. Its operations are declared below, on their
     handlers; `OperationsApp` routes to them under the operator's role."""
 
-    def __init__(
-        self, store: Store, operators: Operators, settings: Settings, *, throttle: AuthThrottle | None = None
-    ) -> None:
+    def __init__(self, store: Store, operators: Operators, *, throttle: AuthThrottle | None = None) -> None:
         super().__init__(operations, _OPENAPI_BYTES, operators, throttle)
         self._store = store
-        self._settings = settings
 
     # -- operations, in routing order ----------------------------------------------------------
 
@@ -94,7 +91,7 @@ class AdminAPI(OperationsApp):
         not_found=True,
     )
     async def _get_user(self, params: UserParams, body: None, operator: Operator) -> UserStatus:
-        status = _known(await self._store.status(params.user_id))
+        status = known(await self._store.status(params.user_id))
         return UserStatus.model_validate(status.to_json())
 
     @operations(
@@ -108,7 +105,7 @@ class AdminAPI(OperationsApp):
         not_found=True,
     )
     async def _events(self, params: UserEventsParams, body: None, operator: Operator) -> EventList:
-        events = _known(await self._store.events(params.user_id, limit=params.limit))
+        events = known(await self._store.events(params.user_id, limit=params.limit))
         return EventList(data=[Event.model_validate(event) for event in events])
 
     @operations(
@@ -140,7 +137,7 @@ class AdminAPI(OperationsApp):
         not_found=True,
     )
     async def _unblock(self, params: UserParams, body: UnblockRequest, operator: Operator) -> UserStatus:
-        status = _known(await self._store.unblock(params.user_id, reason=body.reason, operator=operator.name))
+        status = known(await self._store.unblock(params.user_id, reason=body.reason, operator=operator.name))
         return UserStatus.model_validate(status.to_json())
 
     @operations(
@@ -156,7 +153,7 @@ class AdminAPI(OperationsApp):
         not_found=True,
     )
     async def _add_note(self, params: UserParams, body: NoteRequest, operator: Operator) -> Event:
-        return Event.model_validate(_known(await self._store.add_note(params.user_id, operator.name, body.text)))
+        return Event.model_validate(known(await self._store.add_note(params.user_id, operator.name, body.text)))
 
     @operations(
         "GET",
@@ -183,7 +180,7 @@ class AdminAPI(OperationsApp):
     )
     async def _erase(self, params: UserParams, body: None, operator: Operator) -> NoContent:
         if not await self._store.erase_user(params.user_id, operator=operator.name):
-            _known(None)
+            known(None)
         return NoContent()
 
     @operations(
@@ -324,10 +321,10 @@ def admin_app(
     """The admin API as an ASGI app, to mount at `/admin`; its operators by default in the store's database."""
     if operators is None:
         operators = Operators(store.database, settings)
-    return AdminAPI(store, operators, settings, throttle=throttle)
+    return AdminAPI(store, operators, throttle=throttle)
 
 
-def _known[T](found: T | None) -> T:
+def known[T](found: T | None) -> T:
     """What the store found about a user; None means it never recorded the user: 404."""
     if found is None:
         raise GatewayError(404, "user_not_found", "The gateway has never recorded this user.")

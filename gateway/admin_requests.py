@@ -36,7 +36,7 @@ def read_params[P: BaseModel](model: type[P], request: Request) -> P:
         params = model.model_validate(values)
     except ValidationError as exc:
         for error in exc.errors():
-            refusals.append((0 if error["loc"] and error["loc"][0] in path else 2, _refusal(error)))
+            refusals.append((0 if error["loc"] and error["loc"][0] in path else 2, refusal(error)))
     else:
         if not refusals:
             return params
@@ -81,10 +81,11 @@ async def read_body[B: BaseModel](model: type[B], request: Request) -> B:
     if error["type"] == "extra_forbidden":
         key = str(error["loc"][0])
         raise _invalid(key, f"Unknown field {key!r}: {expected}.")
-    raise _refusal(error)
+    raise refusal(error)
 
 
-def _refusal(error: ErrorDetails) -> GatewayError:
+def refusal(error: ErrorDetails) -> GatewayError:
+    """The 400 for one fault a model found, naming its field (the console's forms say it the same way)."""
     param = str(error["loc"][0]) if error["loc"] else None
     if error["type"] in ("invalid_request", "invalid_user_id"):
         return GatewayError(400, error["type"], error["msg"], param=param)

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from gateway.admin import known
 from gateway.admin_models import BlockRequest, DecisionRequest, NoteRequest, ReverseRequest
+from gateway.admin_requests import refusal
 from gateway.appeals import ID
 from gateway.console import queries
 from gateway.console.app import Console, Page
@@ -52,13 +54,11 @@ def _bad(message: str) -> GatewayError:
 
 
 def _checked[M: BaseModel](model: type[M], values: dict[str, Any]) -> M:
-    """`values` as `model`, or a 400 naming the first fault as the admin API would."""
+    """`values` as `model`, or the admin API's 400 naming the first fault."""
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
-        raise _bad(f"{field}: {error['msg']}" if field else error["msg"]) from None
+        raise refusal(exc.errors()[0]) from None
 
 
 def _user_id(value: str) -> str:
@@ -106,9 +106,7 @@ async def users(console: Console, request: Request, session: Session, form: Form
 
 async def user(console: Console, request: Request, session: Session, form: Form) -> Response:
     user_id = _user_id(request.query_params.get("id", ""))
-    status = await console.store.status(user_id)
-    if status is None:
-        return console.error_page(request, 404, "The gateway has never recorded this user.", session)
+    status = known(await console.store.status(user_id))
     standing = await console.store.standing(user_id)
     events = await console.store.events(user_id, limit=TIMELINE) or []
     appealed = {appeal["event_id"]: appeal for appeal in standing["appeals"]}
@@ -171,16 +169,14 @@ async def block(console: Console, request: Request, session: Session, form: Form
 async def unblock(console: Console, request: Request, session: Session, form: Form) -> Response:
     user_id = _user_id(form.text("user_id"))
     reason = _checked(ReverseRequest, {"reason": form.text("reason")}).reason
-    if await console.store.unblock(user_id, reason=reason, operator=session.operator.name) is None:
-        raise GatewayError(404, "user_not_found", "The gateway has never recorded this user.")
+    known(await console.store.unblock(user_id, reason=reason, operator=session.operator.name))
     return _to_user(console, request, user_id, "unblocked")
 
 
 async def note(console: Console, request: Request, session: Session, form: Form) -> Response:
     user_id = _user_id(form.text("user_id"))
     text = _checked(NoteRequest, {"text": form.text("text")}).text
-    if await console.store.add_note(user_id, session.operator.name, text) is None:
-        raise GatewayError(404, "user_not_found", "The gateway has never recorded this user.")
+    known(await console.store.add_note(user_id, session.operator.name, text))
     return _to_user(console, request, user_id, "noted")
 
 

@@ -20,7 +20,6 @@ from gateway.database import Connection, Database
 from gateway.operators import Operator, Operators
 
 COOKIE = "cgw_console"
-PATH = "/admin/console"
 _RAW_BYTES = 32
 # How long after its expiry a session row is kept before a sign-in deletes it.
 _KEEP_EXPIRED = "1 day"
